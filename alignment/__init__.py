@@ -1,0 +1,1 @@
+"""alignment: train LMs to follow human preferences with control tokens and preference-aware objectives."""

@@ -1,0 +1,1 @@
+"""Data: sources -> sentences -> scores -> tags -> tokens -> batches."""

@@ -1,0 +1,1 @@
+"""Evaluation: sampling, metrics, the evaluator and the in-training alignment curve."""
