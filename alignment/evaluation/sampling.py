@@ -1,0 +1,164 @@
+"""Seeded, batched sampling from a Hugging Face causal LM, with the knobs both studies evaluate with.
+
+One hand-written loop instead of `model.generate`, so that every rule is visible and testable: the KV cache,
+left padding, control tokens that must never be generated, EOS held back until `min_new_tokens`, no-repeat n-grams,
+and classifier-free guidance (Sanchez et al. 2023, https://arxiv.org/abs/2306.17806).
+
+Reproducibility: each prompt owns a random generator seeded from (seed, global prompt index) and draws Gumbel
+noise from it once per step, so a prompt's sample depends only on its own tokens -- not on batch_size nor on which
+prompts share its batch (up to float rounding differences of the batched forward pass).
+"""
+import inspect
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+@dataclass(frozen=True)
+class _Rules:
+    eos_id: int
+    min_new_tokens: int
+    temperature: float
+    top_p: float
+    top_k: int
+    blocked_ids: tuple[int, ...]
+    no_repeat_ngram_size: int
+    guidance_scale: float
+
+
+@torch.no_grad()
+def sample(model, prompts: list[list[int]], *, eos_id: int, pad_id: int, max_new_tokens: int,
+           min_new_tokens: int = 0, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
+           blocked_ids: Sequence[int] = (), no_repeat_ngram_size: int = 0,
+           guidance_scale: float = 1.0, uncond_prompts: list[list[int]] | None = None,
+           batch_size: int = 32, seed: int = 0) -> list[list[int]]:
+    """Sample a continuation of every prompt; return only the generated ids, cut before EOS.
+
+    temperature 0 means greedy; top_k 0 and top_p 1 switch those filters off. no_repeat_ngram_size looks at the
+    generated tokens only (the prompt may share n-grams with the continuation), so n=1 means that no token repeats
+    within the continuation. With guidance_scale g != 1, `uncond_prompts` run as a second stream in the same forward
+    pass and the next-token log-probs are l_uncond + g * (l_cond - l_uncond); g = 1 skips that stream (it would
+    compute plain conditioning anyway). A row whose every token is blocked ends (as if it emitted EOS).
+    `pad_id` only fills the left padding, which the attention mask hides. `seed` must be >= 0.
+    """
+    if any(len(prompt) == 0 for prompt in prompts):
+        raise ValueError("every prompt needs at least one token (use [eos_id] for unconditional samples)")
+    if temperature < 0 or not 0 < top_p <= 1 or top_k < 0 or no_repeat_ngram_size < 0:
+        raise ValueError("need temperature >= 0, 0 < top_p <= 1, top_k >= 0, no_repeat_ngram_size >= 0")
+    if max_new_tokens < 0 or min_new_tokens < 0 or batch_size < 1 or seed < 0:
+        raise ValueError("need max_new_tokens >= 0, min_new_tokens >= 0, batch_size >= 1, seed >= 0")
+    guided = guidance_scale != 1.0
+    if guided and (uncond_prompts is None or len(uncond_prompts) != len(prompts)):
+        raise ValueError("guidance_scale != 1 needs one unconditional prompt per prompt")
+    rules = _Rules(eos_id, min_new_tokens, temperature, top_p, top_k, tuple(blocked_ids), no_repeat_ngram_size,
+                   guidance_scale)
+    was_training = model.training
+    model.eval()
+    try:
+        samples = []
+        for start in range(0, len(prompts), batch_size):
+            batch = prompts[start:start + batch_size]
+            uncond = uncond_prompts[start:start + batch_size] if guided else []
+            samples += _sample_batch(model, batch, uncond, start, rules, pad_id, max_new_tokens, seed)
+        return samples
+    finally:
+        model.train(was_training)
+
+
+def _sample_batch(model, prompts, uncond_prompts, first_index, rules, pad_id, max_new_tokens, seed):
+    n = len(prompts)
+    device = next(model.parameters()).device
+    # Conditioned rows first, then their unconditioned twins: one forward pass serves both streams.
+    ids, mask = _left_pad(prompts + uncond_prompts, pad_id, device)
+    # Positions count real tokens only, so a left-padded prompt sees exactly the positions it would see alone.
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    generators = [_prompt_generator(seed, first_index + row) for row in range(n)]
+    # Only the last position's logits are needed; a 50k vocabulary over a whole prompt batch is costly.
+    extra = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+    generated = [[] for _ in range(n)]
+    finished = [False] * n
+    cache = None
+    for step in range(max_new_tokens):
+        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                    use_cache=True, **extra)
+        cache = out.past_key_values
+        logprobs = out.logits[:, -1].float().log_softmax(-1)
+        if uncond_prompts:
+            cond, uncond = logprobs[:n], logprobs[n:]
+            logprobs = (uncond + rules.guidance_scale * (cond - uncond)).nan_to_num(nan=-torch.inf)
+        tokens = _draw(_allowed_scores(logprobs, generated, step, rules), generators, rules).tolist()
+        for row, token in enumerate(tokens):
+            if not finished[row]:
+                finished[row] = token == rules.eos_id
+                if not finished[row]:
+                    generated[row].append(token)
+        if all(finished):
+            break
+        # Both streams append the same token; the cache already holds everything before it.
+        ids = torch.tensor(tokens * (2 if uncond_prompts else 1), device=device)[:, None]
+        positions = positions[:, -1:] + 1
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+    return generated
+
+
+def _left_pad(sequences, pad_id, device):
+    width = max(len(sequence) for sequence in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, sequence in enumerate(sequences):
+        ids[row, width - len(sequence):] = torch.tensor(sequence, dtype=torch.long)
+        mask[row, width - len(sequence):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def _prompt_generator(seed, index):
+    # Mix (seed, index) instead of adding them: seed + index would give (seed 0, prompt 1) and (seed 1, prompt 0)
+    # the same random stream.
+    state = np.random.SeedSequence([seed, index]).generate_state(1, dtype=np.uint64)[0]
+    return torch.Generator().manual_seed(int(state))
+
+
+def _allowed_scores(logprobs, generated, step, rules):
+    """Set the log-prob of every token that may not come next to -inf."""
+    scores = logprobs.clone()
+    if step < rules.min_new_tokens:
+        scores[:, rules.eos_id] = -torch.inf
+    if rules.blocked_ids:
+        scores[:, list(rules.blocked_ids)] = -torch.inf
+    if rules.no_repeat_ngram_size:
+        for row, tokens in enumerate(generated):
+            scores[row, _ngram_completions(tokens, rules.no_repeat_ngram_size)] = -torch.inf
+    exhausted = ~torch.isfinite(scores).any(-1)
+    scores[exhausted, rules.eos_id] = 0.0
+    return scores
+
+
+def _ngram_completions(tokens, n):
+    """Tokens that would complete an n-gram already present in `tokens` (for n = 1: every token seen)."""
+    if len(tokens) < n - 1:
+        return []
+    prefix = tokens[len(tokens) - n + 1:]
+    return [tokens[i + n - 1] for i in range(len(tokens) - n + 1) if tokens[i:i + n - 1] == prefix]
+
+
+def _draw(scores, generators, rules):
+    """Greedy, or a draw from softmax(scores / T) restricted by top-k and top-p."""
+    if rules.temperature == 0:
+        return scores.argmax(-1)
+    scores = scores / rules.temperature
+    if rules.top_k:
+        kth_best = scores.topk(min(rules.top_k, scores.shape[-1]), dim=-1).values[:, -1:]
+        scores = scores.masked_fill(scores < kth_best, -torch.inf)
+    if rules.top_p < 1:
+        # Nucleus: keep the most likely tokens until their mass reaches top_p (the best token always stays).
+        sorted_scores, order = scores.sort(dim=-1, descending=True)
+        probs = sorted_scores.softmax(-1)
+        outside = (probs.cumsum(-1) - probs) >= rules.top_p
+        scores = scores.masked_fill(torch.zeros_like(outside).scatter(-1, order, outside), -torch.inf)
+    # Gumbel-max: argmax(log p + Gumbel noise) is an exact draw from p, and the noise comes from each prompt's own
+    # generator (a shared torch.multinomial stream would tie a prompt's sample to its batch companions).
+    uniform = torch.stack([torch.rand(scores.shape[-1], generator=g) for g in generators]).to(scores.device)
+    gumbel = -torch.log(-torch.log(uniform.clamp_min(1e-20)))
+    return (scores + gumbel).argmax(-1)
