@@ -1,7 +1,7 @@
 """Sampling on a tiny real GPT-2 (random weights): every rule checked against the model itself."""
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from alignment.evaluation.sampling import _ngram_completions, sample
 
@@ -33,6 +33,15 @@ def tiny_model(token_bias: dict[int, float] | None = None) -> GPT2LMHeadModel:
     return model.eval()  # so that reference forward passes in the tests run without dropout
 
 
+def tiny_llama() -> LlamaForCausalLM:
+    """Llama's rotary positions depend on position_ids too (the offline pretrained model, SmolLM2, is a Llama)."""
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, initializer_range=0.3,
+                         bos_token_id=EOS, eos_token_id=EOS, pad_token_id=PAD)
+    return LlamaForCausalLM(config).eval()
+
+
 def run(model, prompts=PROMPTS, **kwargs):
     settings = dict(eos_id=EOS, pad_id=PAD, max_new_tokens=12) | kwargs
     return sample(model, prompts, **settings)
@@ -57,8 +66,9 @@ def greedy_without_cache(model, prompt, max_new_tokens, uncond=None, guidance_sc
     return generated
 
 
-def test_greedy_matches_argmax_loop_without_cache():
-    model = tiny_model()
+@pytest.mark.parametrize("make_model", [tiny_model, tiny_llama])
+def test_greedy_matches_argmax_loop_without_cache(make_model):
+    model = make_model()
     samples = run(model, temperature=0, batch_size=len(PROMPTS))
     assert samples == [greedy_without_cache(model, prompt, 12) for prompt in PROMPTS]
     assert any(len(s) > 3 for s in samples)
@@ -100,8 +110,9 @@ def test_samples_do_not_depend_on_batch_size(batch_size):
     assert run(model, batch_size=batch_size, top_p=0.9, seed=7) == run(model, batch_size=32, top_p=0.9, seed=7)
 
 
-def test_left_padded_prompt_samples_what_it_samples_alone():
-    model = tiny_model()
+@pytest.mark.parametrize("make_model", [tiny_model, tiny_llama])
+def test_left_padded_prompt_samples_what_it_samples_alone(make_model):
+    model = make_model()
     short, long = [7, 8], [1, 2, 3, 4, 5, 6, 9]
     for settings in (dict(temperature=0), dict(temperature=1.0, seed=5)):
         alone = run(model, [short], **settings)[0]

@@ -87,7 +87,9 @@ def _sample_batch(model, prompts, uncond_prompts, first_index, rules, pad_id, ma
         logprobs = out.logits[:, -1].float().log_softmax(-1)
         if uncond_prompts:
             cond, uncond = logprobs[:n], logprobs[n:]
-            logprobs = (uncond + rules.guidance_scale * (cond - uncond)).nan_to_num(nan=-torch.inf)
+            logprobs = uncond + rules.guidance_scale * (cond - uncond)
+            # A token that both streams rule out (-inf - -inf = nan) stays ruled out.
+            logprobs = logprobs.masked_fill(logprobs.isnan(), -torch.inf)
         tokens = _draw(_allowed_scores(logprobs, generated, step, rules), generators, rules).tolist()
         for row, token in enumerate(tokens):
             if not finished[row]:
