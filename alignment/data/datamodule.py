@@ -1,0 +1,123 @@
+"""The LightningDataModule: builds (or loads from the cache) the tagged, tokenised corpus and
+serves padded batches of `input_ids`, `attention_mask`, `labels` and per-token `scores`."""
+from __future__ import annotations
+
+import json
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from omegaconf import DictConfig
+from torch.utils.data import DataLoader, Dataset
+from transformers import AutoTokenizer
+
+from alignment.data.build import Split, build
+from alignment.data.tagging import resolve_threshold
+
+
+class SequenceDataset(Dataset):
+    """One example per stored sequence (a sentence or a document), truncated to block_size."""
+
+    def __init__(self, split: Split, block_size: int):
+        self.split, self.block_size = split, block_size
+
+    def __len__(self):
+        return len(self.split)
+
+    def __getitem__(self, i):
+        a, b = self.split.offsets[i], min(self.split.offsets[i + 1], self.split.offsets[i] + self.block_size)
+        return self.split.tokens[a:b], self.split.scores[a:b]
+
+
+class PackedDataset(Dataset):
+    """Study A's layout: documents concatenated with EOS at each document start, cut into
+    fixed-length blocks (the last partial block is dropped)."""
+
+    def __init__(self, split: Split, block_size: int):
+        # Every stored sequence starts and ends with EOS; dropping the trailing one leaves a
+        # single EOS between documents, as in study A.
+        keep = np.ones(len(split.tokens), dtype=bool)
+        keep[split.offsets[1:] - 1] = False
+        self.tokens, self.scores = split.tokens[keep], split.scores[keep]
+        self.block_size = block_size
+
+    def __len__(self):
+        return len(self.tokens) // self.block_size
+
+    def __getitem__(self, i):
+        s = slice(i * self.block_size, (i + 1) * self.block_size)
+        return self.tokens[s], self.scores[s]
+
+
+def collate(batch, pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest example; padded positions get label -100 (ignored by the loss)."""
+    length = max(len(t) for t, _ in batch)
+    input_ids = torch.full((len(batch), length), pad_id, dtype=torch.long)
+    scores = torch.zeros((len(batch), length), dtype=torch.float32)
+    attention_mask = torch.zeros((len(batch), length), dtype=torch.long)
+    for row, (t, s) in enumerate(batch):
+        input_ids[row, : len(t)] = torch.from_numpy(t.astype(np.int64))
+        scores[row, : len(s)] = torch.from_numpy(s)
+        attention_mask[row, : len(t)] = 1
+    labels = input_ids.masked_fill(attention_mask == 0, -100)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "scores": scores}
+
+
+class AlignmentDataModule(pl.LightningDataModule):
+    def __init__(self, data: DictConfig, task: DictConfig, tagging: bool, filter_threshold, tokenizer: DictConfig,
+                 cache_dir: str, batch_size: int = 32, num_workers: int = 0, progress: bool = True):
+        super().__init__()
+        self.data_cfg, self.task_cfg, self.tokenizer_cfg = data, task, tokenizer
+        self.tagging, self.filter_threshold = tagging, filter_threshold
+        self.cache_dir, self.batch_size, self.num_workers, self.progress = Path(cache_dir), batch_size, num_workers, progress
+        self.folder: Path | None = None
+        self._tokenizer = None
+
+    def prepare_data(self):
+        """Build the dataset (a cache hit after the first time)."""
+        self.folder = build(self.data_cfg, self.task_cfg, self.tagging, self.filter_threshold, self.tokenizer_cfg,
+                            self.cache_dir, progress=self.progress)
+
+    def setup(self, stage: str | None = None):
+        if self.folder is None:
+            self.prepare_data()
+        block = int(self.data_cfg.get("block_size") or 128)
+        view = PackedDataset if self.meta["layout"] == "packed" else SequenceDataset
+        self.train_set = view(Split.load(self.folder, "train"), block)
+        self.val_sets = [view(Split.load(self.folder, name), block) for name in ("val", "val_untagged")]
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            if self.folder is None:
+                self.prepare_data()
+            self._tokenizer = AutoTokenizer.from_pretrained(self.folder / "tokenizer")
+        return self._tokenizer
+
+    @property
+    def meta(self) -> dict:
+        if self.folder is None:
+            self.prepare_data()
+        return json.loads((self.folder / "meta.json").read_text())
+
+    def resolve_threshold(self, spec) -> float:
+        """A threshold for the objectives, in combined-misalignment units (quantiles over training sentences)."""
+        return resolve_threshold(spec, np.load(self.folder / "train_sentence_misalignment.npy"))
+
+    def val_sentences(self) -> list[dict]:
+        """Held-out sentences with their levels, used as prompts by the prompted evaluation."""
+        with open(self.folder / "val_sentences.jsonl") as f:
+            return [json.loads(line) for line in f]
+
+    def _loader(self, dataset, shuffle: bool) -> DataLoader:
+        return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
+                          collate_fn=partial(collate, pad_id=self.tokenizer.pad_token_id), drop_last=shuffle)
+
+    def train_dataloader(self):
+        return self._loader(self.train_set, shuffle=True)
+
+    def val_dataloader(self):
+        # 0: the validation split as trained (tagged); 1: the same text untagged (capability).
+        return [self._loader(v, shuffle=False) for v in self.val_sets]

@@ -1,0 +1,47 @@
+"""The alignment curve: evaluate a small sample every N training steps and at the end, so MLflow
+shows misalignment against tokens seen during training, as study A's figures do."""
+from __future__ import annotations
+
+import copy
+
+import pytorch_lightning as pl
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from alignment.data.tagging import Task
+from alignment.evaluation.evaluator import evaluate
+
+
+class AlignmentCurve(pl.Callback):
+    def __init__(self, task: Task, tokenizer, eval_cfg: DictConfig, val_sentences: list[dict],
+                 every_n_steps: int, num_samples: int):
+        if every_n_steps <= 0 or num_samples <= 0:
+            raise ValueError("eval.curve.every_n_steps and eval.curve.num_samples must be positive")
+        self.task, self.tokenizer, self.val_sentences = task, tokenizer, val_sentences
+        self.every_n_steps = every_n_steps
+        # A cheap copy of the final evaluation: fewer samples, no guidance sweep.
+        self.cfg = copy.deepcopy(eval_cfg)
+        with open_dict(self.cfg):
+            self.cfg.num_samples = num_samples
+            self.cfg.guidance_scales = [1.0]
+        self.last_step = -1
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step % self.every_n_steps == 0 and trainer.global_step != self.last_step:
+            self._evaluate(trainer, pl_module)
+
+    def on_train_end(self, trainer, pl_module):
+        if trainer.global_step != self.last_step:
+            self._evaluate(trainer, pl_module)
+
+    def _evaluate(self, trainer, pl_module):
+        self.last_step = trainer.global_step
+        if not trainer.is_global_zero or trainer.logger is None:
+            return
+        was_training = pl_module.training
+        result = evaluate(pl_module.model, self.tokenizer, self.task, self.cfg, self.val_sentences)
+        pl_module.train(was_training)
+        metrics = {"curve/tokens_seen": float(pl_module.tokens_seen)}
+        for row in result.rows:
+            for key in ["joint/misaligned"] + [f"{a}/misaligned" for a in self.task.attributes]:
+                metrics[f"curve/{row['combination']}/{key}"] = row[key]
+        trainer.logger.log_metrics({k: v for k, v in metrics.items() if v == v}, step=trainer.global_step)

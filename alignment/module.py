@@ -1,0 +1,85 @@
+"""The LightningModule: batches in, objective, metrics out.
+
+It owns the causal LM, the objective (alignment.objectives) and, for AWR/RWR, a value head on the
+LM's last hidden state. Training logs the objective's parts under `train/`; validation logs plain
+LM loss on the tagged validation text (`val/loss`) and on the same text untagged
+(`val/loss_untagged`: capability, comparable across objectives).
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+
+from alignment.objectives import Objective, ValueHead
+
+
+def warmup_then_decay(optimizer, total_steps: int, warmup_steps: int = 100, decay: str = "cosine",
+                      min_ratio: float = 0.0):
+    """Linear warmup, then cosine or linear decay to min_ratio x lr (the studies' schedules), per step."""
+    if decay not in ("cosine", "linear", "constant"):
+        raise ValueError(f"scheduler decay must be cosine, linear or constant, got {decay!r}")
+    warmup_steps = min(warmup_steps, max(total_steps // 10, 1))  # a tiny run must still leave warmup
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        if decay == "cosine":
+            return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+        return 1.0 if decay == "constant" else min_ratio + (1 - min_ratio) * (1 - progress)
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+class AlignmentModule(pl.LightningModule):
+    def __init__(self, model: torch.nn.Module, objective: Objective, optimizer: Callable, scheduler: Callable | None = None):
+        super().__init__()
+        self.model, self.objective = model, objective
+        self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
+        self.value_head = ValueHead(model.config.hidden_size) if objective.needs_value_head else None
+        self.register_buffer("tokens_seen", torch.zeros((), dtype=torch.long), persistent=True)
+
+    def forward(self, batch):
+        return self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                          output_hidden_states=self.value_head is not None)
+
+    def training_step(self, batch, batch_idx):
+        out = self(batch)
+        values = self.value_head(out.hidden_states[-1]) if self.value_head is not None else None
+        loss, metrics = self.objective(out.logits.float(), batch["labels"], batch["scores"], values)
+        # Tokens seen across all processes: the x axis of study A's alignment curves.
+        self.tokens_seen += int(batch["attention_mask"].sum()) * self.trainer.world_size
+        self.log_dict({f"train/{k}": v for k, v in metrics.items() if k != "loss"})
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/tokens_seen", self.tokens_seen.float())
+        return loss
+
+    def validation_step(self, batch, batch_idx, dataloader_idx: int = 0):
+        logits = self(batch).logits.float()
+        loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)), batch["labels"][:, 1:].reshape(-1),
+                               ignore_index=-100)
+        name = "val/loss" if dataloader_idx == 0 else "val/loss_untagged"
+        self.log(name, loss, sync_dist=True, add_dataloader_idx=False, prog_bar=dataloader_idx == 0)
+
+    def on_validation_epoch_end(self):
+        for name in ("val/loss", "val/loss_untagged"):
+            if name in self.trainer.callback_metrics:
+                ppl = torch.exp(self.trainer.callback_metrics[name].clamp(max=20))
+                self.log(name.replace("loss", "perplexity"), ppl, sync_dist=True)
+
+    def configure_optimizers(self):
+        # No weight decay on biases, LayerNorm weights and embeddings-as-norms: the usual GPT recipe.
+        decay, no_decay = [], []
+        for name, p in self.named_parameters():
+            if p.requires_grad:
+                (decay if p.ndim >= 2 else no_decay).append(p)
+        groups = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+        optimizer = self.optimizer_factory(groups)
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = self.scheduler_factory(optimizer, total_steps=int(self.trainer.estimated_stepping_batches))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -1,0 +1,95 @@
+"""One experiment, top to bottom: data -> model -> objective -> Lightning fit -> save -> evaluate.
+
+`run(cfg)` is a plain function of a composed config, so tests call it directly and the Hydra
+entry point (`python -m alignment`) is only a thin wrapper around it.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytorch_lightning as pl
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from alignment import tracking
+from alignment.data.tagging import Task
+from alignment.evaluation.callback import AlignmentCurve
+from alignment.evaluation.evaluator import evaluate, format_table
+from alignment.model import build_model, count_parameters, resize_with_mean_init, save_model
+
+log = logging.getLogger(__name__)
+
+
+def build_objective(loss_cfg: DictConfig, datamodule):
+    """Instantiate the objective, turning a `{quantile: q}` threshold into a number on this corpus."""
+    overrides = {}
+    if "threshold" in loss_cfg:
+        overrides["threshold"] = datamodule.resolve_threshold(OmegaConf.to_container(loss_cfg.threshold, resolve=True)
+                                                              if isinstance(loss_cfg.threshold, DictConfig)
+                                                              else loss_cfg.threshold)
+    return instantiate(loss_cfg, **overrides)
+
+
+def build_task(cfg: DictConfig, data_meta: dict) -> Task:
+    """The task as trained: resolved thresholds, and no tagged attribute unless the objective tagged."""
+    task = Task.from_config(cfg.task)
+    for name, thresholds in data_meta["thresholds"].items():
+        task.attributes[name].thresholds = thresholds
+    if not cfg.objective.tagging:
+        task.tagged = []
+    return task
+
+
+def run(cfg: DictConfig) -> dict[str, float]:
+    """Run one experiment; return its final metrics (for sweepers)."""
+    pl.seed_everything(cfg.seed, workers=True)
+    output_dir = Path(HydraConfig.get().runtime.output_dir)
+
+    datamodule = instantiate(cfg.datamodule)
+    datamodule.prepare_data()
+    tokenizer, meta = datamodule.tokenizer, datamodule.meta
+    model = build_model(vocab_size=len(tokenizer), arch=OmegaConf.to_container(cfg.model.arch, resolve=True)
+                        if cfg.model.arch is not None else None, pretrained=cfg.model.pretrained,
+                        gguf_file=cfg.model.get("gguf_file"), gguf_package=cfg.model.get("gguf_package"))
+    resize_with_mean_init(model, tokenizer, tokenizer.convert_tokens_to_ids(meta["control_tokens"]),
+                          noise_std=cfg.model.noise_std, seed=cfg.seed)
+    objective = build_objective(cfg.objective.loss, datamodule)
+    module = instantiate(cfg.module, model=model, objective=objective)
+    task = build_task(cfg, meta)
+
+    logger = instantiate(cfg.logger, tags=tracking.run_tags(cfg))
+    callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None and "_target_" in c]
+    if cfg.evaluate and cfg.eval.curve.every_n_steps > 0:
+        callbacks.append(AlignmentCurve(task, tokenizer, cfg.eval, datamodule.val_sentences(),
+                                        cfg.eval.curve.every_n_steps, cfg.eval.curve.num_samples))
+    trainer: pl.Trainer = instantiate(cfg.trainer, logger=logger, callbacks=callbacks)
+    if trainer.is_global_zero:
+        tracking.log_setup(logger, cfg, meta)
+        log.info("Model: %.2fM parameters; data: %s", count_parameters(model) / 1e6,
+                 {k: meta["stats"][k] for k in ("train_examples", "train_tokens", "val_examples")})
+    if cfg.train:
+        trainer.fit(module, datamodule=datamodule)
+    if not trainer.is_global_zero:
+        return {}  # other DDP ranks stop here; rank 0 saves and evaluates
+
+    results: dict[str, float] = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+    if cfg.save_model:
+        model_dir = save_model(model, tokenizer, output_dir / "model")
+        tracking.log_model_dir(logger, model_dir)
+        log.info("Saved model and tokenizer to %s", model_dir)
+    if cfg.evaluate:
+        model.eval()
+        evaluation = evaluate(model, tokenizer, task, cfg.eval, datamodule.val_sentences())
+        tracking.log_evaluation(logger, evaluation.rows, evaluation.samples)
+        table = format_table(evaluation.rows, task)
+        (output_dir / "eval_table.txt").write_text(table + "\n")
+        print("\nMisalignment (% of generated sentences contradicting the conditioning):\n" + table)
+        for row in evaluation.rows:
+            if row["guidance"] == 1.0:
+                results[f"eval/{row['combination']}/joint_misaligned"] = row["joint/misaligned"]
+    logger.finalize("success")
+    print(f"\nOutputs: {output_dir}\nMLflow run: {logger.run_id} in experiment '{cfg.logger.experiment_name}'"
+          f"\nOpen it: {tracking.ui_command(cfg.logger.tracking_uri)}")
+    return results

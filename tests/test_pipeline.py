@@ -1,0 +1,58 @@
+"""End to end: a tiny real experiment leaves an MLflow run with curves, evaluation, artifacts and a
+model that plain transformers can load."""
+from __future__ import annotations
+
+import mlflow
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from alignment.train import run
+
+
+def _mlflow_run(cfg):
+    client = mlflow.MlflowClient(cfg.logger.tracking_uri)
+    experiment = client.get_experiment_by_name(cfg.logger.experiment_name)
+    runs = client.search_runs([experiment.experiment_id], order_by=["attributes.start_time DESC"], max_results=1)
+    return client, runs[0]
+
+
+def test_default_experiment_end_to_end(tiny_config, tmp_path):
+    cfg = tiny_config()
+    assert (cfg.task.name, cfg.objective.name) == ("toxsen", "conditional")
+    results = run(cfg)
+
+    client, mlrun = _mlflow_run(cfg)
+    assert mlrun.info.run_name == "toxsen-conditional"
+    assert mlrun.info.status == "FINISHED"
+    metrics = mlrun.data.metrics
+    for key in ("train/loss", "val/loss", "val/loss_untagged", "data/train_examples",
+                "eval/none/joint/misaligned", "eval/nontoxic-pos/joint/misaligned", "eval/toxic-neg/toxicity/misaligned"):
+        assert key in metrics, key
+    assert 0.0 <= metrics["eval/nontoxic-pos/joint/misaligned"] <= 1.0
+    assert len(client.get_metric_history(mlrun.info.run_id, "train/loss")) >= 5
+    assert mlrun.data.params["task/name"] == "toxsen"
+    assert mlrun.data.tags["task"] == "toxsen"
+    artifacts = {a.path for a in client.list_artifacts(mlrun.info.run_id)}
+    assert {"config.yaml", "dataset.json", "eval", "model"} <= artifacts
+    eval_files = {a.path for a in client.list_artifacts(mlrun.info.run_id, "eval")}
+    assert {"eval/eval_metrics.csv", "eval/samples.json"} <= eval_files
+    assert results["eval/nontoxic-pos/joint_misaligned"] == metrics["eval/nontoxic-pos/joint/misaligned"]
+
+    # The saved model loads with no project code, control tokens included.
+    model_dir = tmp_path / "out" / "model"
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    ids = tokenizer("<|nontoxic|><|pos|>", add_special_tokens=False)["input_ids"]
+    assert len(ids) == 2 and max(ids) < model.get_input_embeddings().weight.shape[0]
+    with torch.no_grad():
+        assert model(torch.tensor([[tokenizer.eos_token_id] + ids])).logits.shape[-1] == len(tokenizer)
+    assert (tmp_path / "out" / "eval_table.txt").read_text().count("\n") >= 5
+
+
+@pytest.mark.parametrize("task", ["tox", "sen", "none"])
+def test_grid_tasks_run(tiny_config, task):
+    cfg = tiny_config(f"task={task}", "save_model=false", "eval.num_samples=2")
+    results = run(cfg)
+    assert "val/loss" in results
+    assert ("eval/none/joint_misaligned" in results)
