@@ -5,6 +5,7 @@ entry point (`python -m alignment`) is only a thin wrapper around it.
 """
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -67,6 +68,10 @@ def run(cfg: DictConfig) -> dict[str, float]:
     trainer: pl.Trainer = instantiate(cfg.trainer, logger=logger, callbacks=callbacks)
     if trainer.is_global_zero:
         tracking.log_setup(logger, cfg, meta)
+        # The run folder is self-contained: `python -m alignment.evaluate run=<folder>` needs nothing else.
+        (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        (output_dir / "dataset.json").write_text(json.dumps(meta, indent=2, default=str))
+        (output_dir / "mlflow_run_id").write_text(logger.run_id)
         log.info("Model: %.2fM parameters; data: %s", count_parameters(model) / 1e6,
                  {k: meta["stats"][k] for k in ("train_examples", "train_tokens", "val_examples")})
     if cfg.train:
