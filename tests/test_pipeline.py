@@ -56,3 +56,25 @@ def test_grid_tasks_run(tiny_config, task):
     results = run(cfg)
     assert "val/loss" in results
     assert ("eval/none/joint_misaligned" in results)
+
+
+@pytest.mark.parametrize("objective", ["mle", "filtering", "unlikelihood", "awr", "rwr"])
+def test_every_objective_runs_with_a_study_a_task(tiny_config, objective):
+    cfg = tiny_config(f"objective={objective}", "task=toxicity", "save_model=false", "eval.num_samples=2")
+    results = run(cfg)
+    assert results["train/loss"] == results["train/loss"]  # finite, logged
+    assert "eval/none/joint_misaligned" in results
+
+
+def test_quantile_threshold_reaches_the_objective(tiny_config):
+    from hydra.utils import instantiate
+
+    from alignment.train import build_objective
+
+    cfg = tiny_config("objective=unlikelihood", "task=toxicity", "task.threshold={quantile:0.5}")
+    dm = instantiate(cfg.datamodule)
+    dm.prepare_data()
+    objective = build_objective(cfg.objective.loss, dm)
+    import numpy as np
+    scores = np.load(dm.folder / "train_sentence_misalignment.npy")
+    assert objective.threshold == pytest.approx(float(np.quantile(scores, 0.5)))
