@@ -64,7 +64,7 @@ def evaluate_run(cfg: DictConfig) -> list[dict]:
     logger_kwargs = {"run_id": run_id} if run_id and not cfg.child_run else {"tags": tags}
     logger = instantiate(cfg.logger, **logger_kwargs)
     logger.log_hyperparams(tracking.flatten({"eval": OmegaConf.to_container(cfg.eval, resolve=True)}))
-    tracking.log_evaluation(logger, result.rows, result.samples)
+    tracking.log_evaluation(logger, result.rows, result.samples, result.capability)
     logger.finalize("success")
     out = Path(HydraConfig.get().runtime.output_dir)
     (out / "eval_table.txt").write_text(table + "\n")

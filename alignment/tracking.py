@@ -1,8 +1,8 @@
 """MLflow tracking: one run per job, one parent run per sweep, and the artifacts that make a run
 reproducible and comparable (resolved config, dataset statistics, metric tables, samples, model).
 
-Lightning's MLFlowLogger logs the curves; this module adds what it does not do. Everything here is
-called on global rank 0 only.
+Lightning's MLFlowLogger logs the curves; this module adds what it does not do. The logging functions
+are called on global rank 0 only. The two Hydra callbacks run in the sweep's main process.
 """
 from __future__ import annotations
 
@@ -11,14 +11,17 @@ import logging
 import os
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
 import mlflow
+from mlflow.entities import Metric
 from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
+from hydra.core.utils import JobReturn, JobStatus
 from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, read_write
 
 from alignment import PROJECT_ROOT
 
@@ -30,11 +33,14 @@ class MLflowSweepCallback(Callback):
     """Hydra callback: a parent MLflow run for each `-m` sweep, so the UI groups its jobs.
 
     The parent's id is written into the sweep folder, where every job (in this process, or on a
-    cluster node through a launcher) finds it and tags itself `mlflow.parentRunId`.
+    cluster node through a launcher) finds it and tags itself `mlflow.parentRunId`. The parent ends
+    FINISHED when the sweep does, or FAILED as soon as a job fails (Hydra then stops the sweep
+    without calling on_multirun_end, which would leave the parent RUNNING forever).
     """
 
     def __init__(self, tracking_uri: str, experiment_name: str, artifact_location: str | None = None):
-        self.tracking_uri, self.experiment_name, self.artifact_location = tracking_uri, experiment_name, artifact_location
+        self.tracking_uri, self.experiment_name = tracking_uri, experiment_name
+        self.artifact_location = artifact_location_for(tracking_uri, artifact_location)
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         client = mlflow.MlflowClient(self.tracking_uri)
@@ -45,10 +51,93 @@ class MLflowSweepCallback(Callback):
         Path(config.hydra.sweep.dir).mkdir(parents=True, exist_ok=True)
         (Path(config.hydra.sweep.dir) / PARENT_FILE).write_text(run.info.run_id)
 
+    def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
+        if job_return.status == JobStatus.FAILED:
+            self._terminate(config, "FAILED")
+
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        self._terminate(config, "FINISHED")
+
+    def _terminate(self, config: DictConfig, status: str) -> None:
         path = Path(config.hydra.sweep.dir) / PARENT_FILE
         if path.exists():
-            mlflow.MlflowClient(self.tracking_uri).set_terminated(path.read_text().strip())
+            mlflow.MlflowClient(self.tracking_uri).set_terminated(path.read_text().strip(), status)
+
+
+class DDPSweepJobCallback(Callback):
+    """Hydra callback: lets a job of a `-m` sweep train with Lightning's `ddp` strategy on one machine.
+
+    Lightning starts ranks 1.. by re-running the command line (`sys.argv`) with `hydra.run.dir` set to
+    Hydra's *run* folder. In a sweep that command line is the whole sweep (`-m task=tox,none ...`), so
+    each child would run every job again, in a new sweep folder, with a second MLflow parent run. While
+    a sweep job runs, this callback makes the command line that of the job alone and its run folder the
+    job's folder; afterwards it undoes what DDP left in the process (the process group, the rendezvous
+    port, one thread per rank), so the next job starts a fresh group with its own rank-1 process.
+    (Cluster launchers that start one task per device do not re-run anything; this then changes nothing.)
+    """
+
+    def __init__(self) -> None:
+        self._saved: tuple[list[str], dict[str, str], int] | None = None
+
+    def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
+        hydra_cfg = HydraConfig.get()
+        if hydra_cfg.mode != RunMode.MULTIRUN:
+            return
+        import torch
+
+        self._saved = (list(sys.argv), dict(os.environ), torch.get_num_threads())
+        sys.argv[1:] = job_command_line(sys.argv[1:], list(hydra_cfg.overrides.task))
+        with read_write(hydra_cfg):
+            hydra_cfg.run.dir = hydra_cfg.runtime.output_dir
+
+    def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
+        if self._saved is None:
+            return
+        import torch
+
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+        argv, environ, threads = self._saved
+        sys.argv[:] = argv
+        os.environ.clear()
+        os.environ.update(environ)
+        torch.set_num_threads(threads)
+        self._saved = None
+
+
+#: Hydra flags that choose the primary config: a re-run of one job must keep them.
+CONFIG_FLAGS = ("--config-path", "-cp", "--config-name", "-cn", "--config-dir", "-cd")
+
+
+def job_command_line(args: list[str], job_overrides: list[str]) -> list[str]:
+    """The arguments that run one sweep job alone: the config-choosing flags of the sweep's command line
+    (`-cn x` or `--config-name=x`), then the job's own overrides; `-m` and the sweep's lists are dropped."""
+    kept, i = [], 0
+    while i < len(args):
+        if args[i] in CONFIG_FLAGS and i + 1 < len(args):
+            kept += args[i:i + 2]
+            i += 2
+            continue
+        if args[i].startswith("-") and args[i].split("=", 1)[0] in CONFIG_FLAGS:
+            kept.append(args[i])
+        i += 1
+    return kept + list(job_overrides)
+
+
+def artifact_location_for(tracking_uri: str, local_dir: str | None) -> str | None:
+    """Where a new experiment stores artifacts: `local_dir` for a local store (sqlite, file), None for a
+    tracking server, which then chooses (`mlflow-artifacts:/...`, uploaded through the server to its
+    --artifacts-destination). A local path given to a server would make every job write its artifacts
+    on its own machine, out of the server's (and its UI's) reach."""
+    return None if urlparse(tracking_uri).scheme in ("http", "https", "databricks") else local_dir
+
+
+def mlflow_logger(tracking_uri: str, artifact_location: str | None = None, **kwargs: Any):
+    """Lightning's MLFlowLogger (same arguments), with the artifact location left to the server if there is one."""
+    from pytorch_lightning.loggers import MLFlowLogger
+
+    return MLFlowLogger(tracking_uri=tracking_uri, artifact_location=artifact_location_for(tracking_uri, artifact_location),
+                        **kwargs)
 
 
 def ensure_experiment(client: mlflow.MlflowClient, name: str, artifact_location: str | None) -> str:
@@ -115,14 +204,18 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix.rstrip("/"): tree}
 
 
-def log_evaluation(logger, rows: list[dict], samples: list[dict], step: int | None = None) -> None:
+def log_evaluation(logger, rows: list[dict], samples: list[dict], capability: dict | None = None) -> None:
     """Metrics per combination, the whole table as CSV/JSON artifacts, and the samples as an MLflow table."""
     client, run_id = logger.experiment, logger.run_id
+    values = {f"eval/capability/{key}": value for key, value in (capability or {}).items()}
     for row in rows:
         prefix = f"eval/{row['combination']}" + ("" if row["guidance"] == 1.0 else f"/g{row['guidance']:g}")
-        for key, value in row.items():
-            if isinstance(value, (int, float)) and key != "guidance" and value == value:  # skip NaN
-                client.log_metric(run_id, f"{prefix}/{key}", float(value), step=step or 0)
+        values.update({f"{prefix}/{key}": value for key, value in row.items()
+                       if isinstance(value, (int, float)) and key != "guidance" and value == value})  # skip NaN
+    now = int(time.time() * 1000)
+    metrics = [Metric(key, float(value), now, 0) for key, value in values.items()]
+    for start in range(0, len(metrics), 1000):  # one transaction per thousand metrics, not one each
+        client.log_batch(run_id, metrics=metrics[start:start + 1000])
     import pandas as pd
 
     with tempfile.TemporaryDirectory() as tmp:

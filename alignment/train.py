@@ -87,13 +87,17 @@ def run(cfg: DictConfig) -> dict[str, float]:
     if cfg.evaluate:
         model.eval()
         evaluation = evaluate(model, tokenizer, task, cfg.eval, datamodule.val_sentences())
-        tracking.log_evaluation(logger, evaluation.rows, evaluation.samples)
+        tracking.log_evaluation(logger, evaluation.rows, evaluation.samples, evaluation.capability)
         table = format_table(evaluation.rows, task)
         (output_dir / "eval_table.txt").write_text(table + "\n")
         print("\nMisalignment (% of generated sentences contradicting the conditioning):\n" + table)
+        for key, value in evaluation.capability.items():
+            print(f"{key}: {value:.4f}")
+            results[f"eval/capability/{key}"] = value
         for row in evaluation.rows:
             if row["guidance"] == 1.0:
-                results[f"eval/{row['combination']}/joint_misaligned"] = row["joint/misaligned"]
+                results.update({f"eval/{row['combination']}/{k}": v for k, v in row.items()
+                                if isinstance(v, (int, float)) and k != "guidance"})
     logger.finalize("success")
     print(f"\nOutputs: {output_dir}\nMLflow run: {logger.run_id} in experiment '{cfg.logger.experiment_name}'"
           f"\nOpen it: {tracking.ui_command(cfg.logger.tracking_uri)}")

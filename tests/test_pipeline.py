@@ -37,7 +37,7 @@ def test_default_experiment_end_to_end(tiny_config, tmp_path):
     assert {"config.yaml", "dataset.json", "eval", "model"} <= artifacts
     eval_files = {a.path for a in client.list_artifacts(mlrun.info.run_id, "eval")}
     assert {"eval/eval_metrics.csv", "eval/samples.json"} <= eval_files
-    assert results["eval/nontoxic-pos/joint_misaligned"] == metrics["eval/nontoxic-pos/joint/misaligned"]
+    assert results["eval/nontoxic-pos/joint/misaligned"] == metrics["eval/nontoxic-pos/joint/misaligned"]
 
     # The saved model loads with no project code, control tokens included.
     model_dir = tmp_path / "out" / "model"
@@ -55,7 +55,7 @@ def test_grid_tasks_run(tiny_config, task):
     cfg = tiny_config(f"task={task}", "save_model=false", "eval.num_samples=2")
     results = run(cfg)
     assert "val/loss" in results
-    assert ("eval/none/joint_misaligned" in results)
+    assert ("eval/none/joint/misaligned" in results)
 
 
 @pytest.mark.parametrize("objective", ["mle", "filtering", "unlikelihood", "awr", "rwr"])
@@ -63,7 +63,7 @@ def test_every_objective_runs_with_a_study_a_task(tiny_config, objective):
     cfg = tiny_config(f"objective={objective}", "task=toxicity", "save_model=false", "eval.num_samples=2")
     results = run(cfg)
     assert results["train/loss"] == results["train/loss"]  # finite, logged
-    assert "eval/none/joint_misaligned" in results
+    assert "eval/none/joint/misaligned" in results
 
 
 def test_quantile_threshold_reaches_the_objective(tiny_config):

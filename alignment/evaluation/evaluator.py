@@ -13,10 +13,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from alignment.data.sentences import split_sentences
 from alignment.data.tagging import Task
 from alignment.evaluation import metrics
+from alignment.evaluation.capability import kl_from_reference
 from alignment.evaluation.sampling import sample
 
 
@@ -24,6 +26,7 @@ from alignment.evaluation.sampling import sample
 class EvalResult:
     rows: list[dict] = field(default_factory=list)      # one per (guidance, combination): the metrics
     samples: list[dict] = field(default_factory=list)   # one per generated sentence, with its scores
+    capability: dict = field(default_factory=dict)      # KL from a reference model, when one is configured
 
 
 def build_prompts(tokenizer, task: Task, combo: dict, cfg, prompts_text: list[str]) -> tuple[list, list]:
@@ -70,6 +73,12 @@ def evaluate(model, tokenizer, task: Task, cfg, val_sentences: list[dict] | None
             row.update(guidance=float(g), samples_per_second=len(outputs) / max(seconds, 1e-9))
             result.rows.append(row)
             result.samples += [dict(s, guidance=float(g)) for s in rows_samples]
+    reference = cfg.get("reference") or {}
+    if reference.get("path"):
+        ref_model = AutoModelForCausalLM.from_pretrained(reference.path).eval()
+        ref_tokenizer = AutoTokenizer.from_pretrained(reference.path)
+        result.capability = kl_from_reference(model, tokenizer, ref_model, ref_tokenizer,
+                                              num_samples=int(reference.num_samples), seed=cfg.seed)
     return result
 
 
@@ -122,7 +131,3 @@ def format_table(rows: list[dict], task: Task) -> str:
         cells = "".join(f"{100 * r[c]:>21.1f}%" if r.get(c) == r.get(c) else f"{'-':>22}" for c in columns)
         lines.append(f"{r['guidance']:>8g}  {r['combination']:<24}{cells}{r['sentences']:>11}{r['distinct_2']:>11.3f}")
     return "\n".join(lines)
-
-
-def device_of(model: torch.nn.Module) -> torch.device:
-    return next(model.parameters()).device
