@@ -1,0 +1,473 @@
+"""Speed and memory of the project's choices, each measured against its alternative in the same run.
+
+    python -m alignment.bench [--quick] [--only NAME ...]        (or `make bench ARGS="--quick"`)
+
+Shared CPU machines are noisy, so absolute timings say little and timed tests would be flaky. Here every
+comparison runs its two sides interleaved (A, B, A, B, ... after one untimed warm-up of each) on the real offline
+components -- tweet sentences from `TweetsSource` + `Sentencizer`, the trained 8k BPE, the small model
+(4 layers x 256, conf/model/small.yaml) -- and reports the median of each side and the ratio B/A. Background load
+that comes and goes hits both sides alike, so the ratio is what to read. A is always the alternative, B what the
+project does, except for the two vocabulary sides, where A is GPT-2's 50k vocabulary and B the corpus BPE.
+
+Comparisons (names for --only): sampling, precision, batching, vocabulary, scoring, memory.
+`--quick` shrinks every size so that the whole run takes seconds (the test runs it); the default takes a few
+minutes on 2 cores.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import ctypes
+import ctypes.util
+import gc
+import os
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from alignment.data.datamodule import LengthGroupedSampler, collate
+from alignment.data.sentences import Sentencizer
+from alignment.data.sources import TweetsSource
+from alignment.evaluation.sampling import sample
+from alignment.model import build_model
+from alignment.objectives import MLE
+from alignment.tokenizer import add_control_tokens, gpt2_tokenizer_offline, train_bpe
+
+# conf/model/small.yaml, the offline default model.
+SMALL_ARCH = {"n_layer": 4, "n_embd": 256, "n_head": 4, "n_positions": 128}
+BPE_VOCAB_SIZE = 8192
+# conf/config.yaml's AdamW.
+OPTIMIZER = {"lr": 1e-3, "weight_decay": 0.1, "betas": (0.9, 0.95)}
+# conf/trainer/cpu.yaml trains with bf16-mixed, so the comparisons that are not about precision use it too.
+TRAIN_BF16 = True
+SEED = 0
+
+
+@dataclass(frozen=True)
+class Sizes:
+    tweets: int | None   # tweets read (None = all 38k); the BPE is trained on their sentences
+    sentences: int       # sentences the batches are drawn from (padding shares are over all of them)
+    repeats: int         # timed A/B pairs; each side reports the median
+    batch_size: int      # training batch (conf/config.yaml: 32)
+    train_steps: int     # train steps per timed repetition
+    prompts: int         # sampling batch (conf/eval: 64)
+    prompt_words: int    # words of a sentence in each prompt (conf/eval/prompted.yaml: 4)
+    new_tokens: int      # tokens generated per prompt (conf/eval/unconditional.yaml: 64)
+    score_texts: int     # texts scored per repetition
+
+
+# A few minutes on 2 idle cores. Sampling without a cache costs prompts x new_tokens^2 (the 50k-vocabulary model is
+# the other slow side), which is what caps these sizes on a shared machine.
+FULL = Sizes(tweets=None, sentences=16000, repeats=3, batch_size=32, train_steps=4, prompts=32, prompt_words=4,
+             new_tokens=48, score_texts=3000)
+QUICK = Sizes(tweets=1500, sentences=600, repeats=2, batch_size=8, train_steps=2, prompts=8, prompt_words=4,
+              new_tokens=8, score_texts=200)
+
+
+@dataclass(frozen=True)
+class Row:
+    """One line of the table: side A, side B, their unit and what B/A means."""
+
+    name: str
+    a: float
+    b: float
+    unit: str
+    meaning: str
+
+    @property
+    def ratio(self) -> float:
+        return self.b / self.a
+
+
+# ----------------------------------------------------------------------------------------------
+# Measuring
+
+def rate(run: Callable[[], float]) -> float:
+    """Amount per second: `run()` does the work and returns the amount it processed (tokens, texts...)."""
+    start = time.perf_counter()
+    amount = run()
+    return amount / (time.perf_counter() - start)
+
+
+def interleaved(measure_a: Callable[[], float], measure_b: Callable[[], float], repeats: int) -> tuple[float, float]:
+    """Median of `repeats` measurements of each side, taken A, B, A, B, ... after one untimed call of each
+    (first calls pay for allocations and kernel selection that later calls reuse)."""
+    measure_a(), measure_b()
+    a_values, b_values = [], []
+    for _ in range(repeats):
+        a_values.append(measure_a())
+        b_values.append(measure_b())
+    return statistics.median(a_values), statistics.median(b_values)
+
+
+def _libc_malloc_trim() -> None:
+    """Hand freed heap memory back to the OS (glibc only), so that RSS growth counts what a step needs, not
+    what the allocator kept from an earlier step."""
+    name = ctypes.util.find_library("c")
+    if name:
+        trim = getattr(ctypes.CDLL(name), "malloc_trim", None)
+        if trim is not None:
+            trim(0)
+
+
+def _proc_status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise KeyError(field)
+
+
+def memory_measurable() -> bool:
+    """Linux lets a process reset its peak RSS (write 5 to /proc/self/clear_refs); elsewhere the peak can only
+    grow, so two sides measured in one process would not be comparable."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_growth_mib(run: Callable[[], object]) -> float:
+    """How far the resident set size rises above its starting point while `run()` executes, in MiB.
+
+    RSS, not tracemalloc: torch allocates tensors outside Python's allocator, where tracemalloc cannot see them.
+    """
+    gc.collect()
+    _libc_malloc_trim()
+    Path("/proc/self/clear_refs").write_text("5")  # peak RSS := current RSS
+    before = _proc_status_kib("VmRSS")
+    run()
+    return (_proc_status_kib("VmHWM") - before) / 1024
+
+
+# ----------------------------------------------------------------------------------------------
+# The pieces being compared
+
+def small_model(vocab_size: int, seed: int = SEED) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return build_model(vocab_size=vocab_size, arch=SMALL_ARCH)
+
+
+def optimizer_for(model: torch.nn.Module) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(model.parameters(), **OPTIMIZER)
+
+
+def train_step(model, optimizer, batch: dict[str, torch.Tensor], bf16: bool) -> int:
+    """Forward + MLE loss + backward + AdamW step, as the LightningModule does it; returns the real (unpadded)
+    tokens of the batch. Like Lightning's bf16-mixed, autocast covers forward and loss, not backward."""
+    model.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        loss, _ = MLE()(logits.float(), batch["labels"])
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return int(batch["attention_mask"].sum())
+
+
+def train_steps(model, optimizer, batches: Sequence[dict], bf16: bool) -> int:
+    return sum(train_step(model, optimizer, batch, bf16) for batch in batches)
+
+
+@torch.no_grad()
+def greedy_without_cache(model, prompts: list[list[int]], *, eos_id: int, pad_id: int, new_tokens: int
+                         ) -> list[list[int]]:
+    """The baseline for the KV cache: greedy decoding that runs the whole left-padded sequence through the model
+    at every step. Same inputs as `sample(..., temperature=0, min_new_tokens=new_tokens)` (EOS held back, so every
+    prompt gets exactly `new_tokens` tokens) and the same outputs, up to float rounding."""
+    model.eval()
+    width = max(len(prompt) for prompt in prompts)
+    ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    for _ in range(new_tokens):
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        # Only the last position's logits, as `sample` asks for: the baseline pays for the prefix, nothing more.
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False,
+                       logits_to_keep=1).logits[:, -1].float()
+        logits[:, eos_id] = -torch.inf
+        ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], dim=1)
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+    return ids[:, width:].tolist()
+
+
+def padding_share(lengths: np.ndarray, batches: Sequence[np.ndarray]) -> float:
+    """Share of the positions of right-padded batches that are padding."""
+    real = sum(int(lengths[batch].sum()) for batch in batches)
+    slots = sum(len(batch) * int(lengths[batch].max()) for batch in batches)
+    return 1 - real / slots
+
+
+def random_batches(n: int, batch_size: int, seed: int = SEED) -> list[np.ndarray]:
+    """Plain shuffling, the usual DataLoader(shuffle=True) order (full batches only)."""
+    order = np.random.default_rng(seed).permutation(n)
+    return [order[i:i + batch_size] for i in range(0, n - batch_size + 1, batch_size)]
+
+
+def grouped_batches(lengths: np.ndarray, batch_size: int, seed: int = SEED) -> list[np.ndarray]:
+    """The project's order: LengthGroupedSampler, cut into full batches as the DataLoader (drop_last) does."""
+    order = np.array(list(LengthGroupedSampler(lengths, batch_size, seed=seed)))
+    return [order[i:i + batch_size] for i in range(0, len(order) - batch_size + 1, batch_size)]
+
+
+# ----------------------------------------------------------------------------------------------
+# Shared inputs, built on first use (so --only loads only what it needs)
+
+class Assets:
+    def __init__(self, sizes: Sizes):
+        self.sizes = sizes
+
+    @cached_property
+    def corpus(self) -> list[str]:
+        documents = Sentencizer()(TweetsSource(limit=self.sizes.tweets)())
+        return [sentence for document in documents for sentence in document["sentences"]]
+
+    @cached_property
+    def sentences(self) -> list[str]:
+        """A seeded random subset of the corpus, in a random order."""
+        order = np.random.default_rng(SEED).permutation(len(self.corpus))[:self.sizes.sentences]
+        return [self.corpus[i] for i in order]
+
+    @cached_property
+    def bpe(self):
+        tokenizer = train_bpe(self.corpus, BPE_VOCAB_SIZE)
+        add_control_tokens(tokenizer, [])  # the dedicated [PAD]
+        return tokenizer
+
+    @cached_property
+    def gpt2(self):
+        tokenizer = gpt2_tokenizer_offline()
+        add_control_tokens(tokenizer, [])
+        return tokenizer
+
+    def sequences(self, tokenizer) -> list[np.ndarray]:
+        """EOS + sentence + EOS, cut to the model's context, as the dataset build stores an untagged sentence."""
+        eos, limit = tokenizer.eos_token_id, SMALL_ARCH["n_positions"]
+        encoded = tokenizer(self.sentences, add_special_tokens=False)["input_ids"]
+        return [np.array(([eos] + ids + [eos])[:limit]) for ids in encoded]
+
+    @cached_property
+    def bpe_sequences(self) -> list[np.ndarray]:
+        return self.sequences(self.bpe)
+
+    @cached_property
+    def bpe_lengths(self) -> np.ndarray:
+        return np.array([len(sequence) for sequence in self.bpe_sequences])
+
+    def batch(self, sequences: list[np.ndarray], indices: np.ndarray, pad_id: int) -> dict[str, torch.Tensor]:
+        return collate([(sequences[i], np.zeros(len(sequences[i]), dtype=np.float32)) for i in indices], pad_id)
+
+    def train_batches(self, sequences, index_batches, pad_id) -> list[dict[str, torch.Tensor]]:
+        return [self.batch(sequences, indices, pad_id) for indices in index_batches[:self.sizes.train_steps]]
+
+
+def _paired_models(vocab_size: int):
+    """Two identical models with their own optimizers, so neither side's updates touch the other's weights."""
+    model = small_model(vocab_size)
+    twin = copy.deepcopy(model)
+    return (model, optimizer_for(model)), (twin, optimizer_for(twin))
+
+
+# ----------------------------------------------------------------------------------------------
+# The comparisons
+
+def bench_sampling(assets: Assets) -> tuple[list[Row], list[str]]:
+    sizes, tokenizer = assets.sizes, assets.bpe
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    # Prompted evaluation: EOS + the first words of held-out sentences.
+    prompts = [[eos] + tokenizer(" ".join(s.split()[:sizes.prompt_words]), add_special_tokens=False)["input_ids"]
+               for s in assets.sentences[:sizes.prompts]]
+    model = small_model(len(tokenizer)).eval()
+    outputs = {}
+
+    def cached():
+        outputs["cached"] = sample(model, prompts, eos_id=eos, pad_id=pad, max_new_tokens=sizes.new_tokens,
+                                   min_new_tokens=sizes.new_tokens, temperature=0, batch_size=len(prompts))
+        return sum(map(len, outputs["cached"]))
+
+    def recomputed():
+        outputs["recomputed"] = greedy_without_cache(model, prompts, eos_id=eos, pad_id=pad,
+                                                     new_tokens=sizes.new_tokens)
+        return sum(map(len, outputs["recomputed"]))
+
+    a, b = interleaved(lambda: rate(recomputed), lambda: rate(cached), sizes.repeats)
+    same = np.mean([x == y for xs, ys in zip(outputs["cached"], outputs["recomputed"]) for x, y in zip(xs, ys)])
+    row = Row("sampling: A recompute prefix, B KV cache", a, b, "tokens/s",
+              f"KV-cache speed-up (greedy, {len(prompts)} prompts, {sizes.new_tokens} new tokens)")
+    return [row], [f"sampling: both sides generated the same token at {same:.1%} of positions"]
+
+
+def bench_precision(assets: Assets) -> tuple[list[Row], list[str]]:
+    sizes, pad = assets.sizes, assets.bpe.pad_token_id
+    batches = assets.train_batches(assets.bpe_sequences, grouped_batches(assets.bpe_lengths, sizes.batch_size), pad)
+    (fp32, fp32_opt), (bf16, bf16_opt) = _paired_models(len(assets.bpe))
+    a, b = interleaved(lambda: rate(lambda: train_steps(fp32, fp32_opt, batches, bf16=False)),
+                       lambda: rate(lambda: train_steps(bf16, bf16_opt, batches, bf16=True)), sizes.repeats)
+    return [Row("train step: A fp32, B bf16 autocast", a, b, "tokens/s", "bf16 speed-up of a training step")], []
+
+
+def bench_batching(assets: Assets) -> tuple[list[Row], list[str]]:
+    sizes, pad, lengths = assets.sizes, assets.bpe.pad_token_id, assets.bpe_lengths
+    plain, grouped = random_batches(len(lengths), sizes.batch_size), grouped_batches(lengths, sizes.batch_size)
+    padding = Row("padding: A random order, B length-grouped", padding_share(lengths, plain),
+                  padding_share(lengths, grouped), "pad share", "padding left by grouping (< 1 = less)")
+    plain_batches = assets.train_batches(assets.bpe_sequences, plain, pad)
+    grouped_batches_ = assets.train_batches(assets.bpe_sequences, grouped, pad)
+    (model_a, opt_a), (model_b, opt_b) = _paired_models(len(assets.bpe))
+    a, b = interleaved(lambda: rate(lambda: train_steps(model_a, opt_a, plain_batches, TRAIN_BF16)),
+                       lambda: rate(lambda: train_steps(model_b, opt_b, grouped_batches_, TRAIN_BF16)), sizes.repeats)
+    speed = Row("batching: A random order, B length-grouped", a, b, "real tok/s",
+                "speed-up in real (unpadded) tokens trained per second")
+    return [padding, speed], []
+
+
+def bench_vocabulary(assets: Assets) -> tuple[list[Row], list[str]]:
+    sizes, bpe, gpt2 = assets.sizes, assets.bpe, assets.gpt2
+    gpt2_sequences = assets.sequences(gpt2)
+    # The same sentences in the same batches on both sides, so both train on exactly the same text.
+    index_batches = grouped_batches(assets.bpe_lengths, sizes.batch_size)[:sizes.train_steps]
+    chars = sum(len(assets.sentences[i]) for indices in index_batches for i in indices)
+    gpt2_batches = assets.train_batches(gpt2_sequences, index_batches, gpt2.pad_token_id)
+    bpe_batches = assets.train_batches(assets.bpe_sequences, index_batches, bpe.pad_token_id)
+    gpt2_model, bpe_model = small_model(len(gpt2)), small_model(len(bpe))
+    gpt2_opt, bpe_opt = optimizer_for(gpt2_model), optimizer_for(bpe_model)
+    a, b = interleaved(lambda: rate(lambda: train_steps(gpt2_model, gpt2_opt, gpt2_batches, TRAIN_BF16)),
+                       lambda: rate(lambda: train_steps(bpe_model, bpe_opt, bpe_batches, TRAIN_BF16)), sizes.repeats)
+    gpt2_tokens = sum(int(batch["attention_mask"].sum()) for batch in gpt2_batches)
+    bpe_tokens = sum(int(batch["attention_mask"].sum()) for batch in bpe_batches)
+    name = f"vocabulary: A GPT-2 {len(gpt2) // 1000}k, B BPE {len(bpe) // 1000}k"
+    mean_a = np.mean([len(s) for s in gpt2_sequences]) - 2  # without the two EOS
+    mean_b = assets.bpe_lengths.mean() - 2
+    return [
+        Row(name, mean_a, mean_b, "tokens/sent", "tokens per sentence (> 1 = BPE needs more)"),
+        Row(name, a, b, "tokens/s", "speed-up in tokens trained per second"),
+        # tokens/s x characters per token: the speed in text, what a fixed corpus costs.
+        Row(name, a * chars / gpt2_tokens, b * chars / bpe_tokens, "chars/s", "speed-up in text trained per second"),
+    ], []
+
+
+def bench_scoring(assets: Assets) -> tuple[list[Row], list[str]]:
+    from alignment.scorers.cache import ScoreCache, score_with_cache
+    from alignment.scorers.jigsaw_bilstm import JigsawBiLSTM
+
+    texts = assets.corpus[:assets.sizes.score_texts]
+    scorer = JigsawBiLSTM()
+    with tempfile.TemporaryDirectory() as folder:
+        misses = iter(range(10**6))
+
+        def miss() -> int:  # a fresh cache file each time: every text is scored and stored
+            with ScoreCache(Path(folder) / f"miss-{next(misses)}.sqlite") as cache:
+                return len(score_with_cache(scorer, texts, cache))
+
+        with ScoreCache(Path(folder) / "hit.sqlite") as warm:
+            score_with_cache(scorer, texts, warm)
+
+            def hit() -> int:
+                return len(score_with_cache(scorer, texts, warm))
+
+            a, b = interleaved(lambda: rate(miss), lambda: rate(hit), assets.sizes.repeats)
+    return [Row("scoring: A cache miss, B cache hit", a, b, "texts/s",
+                f"speed-up of a cache hit (JigsawBiLSTM, {len(texts)} texts)")], []
+
+
+def bench_memory(assets: Assets) -> tuple[list[Row], list[str]]:
+    if not memory_measurable():
+        return [], ["memory: skipped (resetting the peak RSS needs Linux's /proc/self/clear_refs)"]
+    sizes, pad, lengths = assets.sizes, assets.bpe.pad_token_id, assets.bpe_lengths
+    # The longest sentences: the batch that sets the peak of an epoch.
+    batch = assets.batch(assets.bpe_sequences, np.argsort(-lengths, kind="stable")[:sizes.batch_size], pad)
+    (fp32, fp32_opt), (bf16, bf16_opt) = _paired_models(len(assets.bpe))
+    a, b = interleaved(lambda: peak_rss_growth_mib(lambda: train_step(fp32, fp32_opt, batch, bf16=False)),
+                       lambda: peak_rss_growth_mib(lambda: train_step(bf16, bf16_opt, batch, bf16=True)),
+                       sizes.repeats)
+    return [Row("peak memory: A fp32, B bf16 autocast", a, b, "MiB",
+                f"RSS growth of a train step ({batch['input_ids'].shape[0]} x {batch['input_ids'].shape[1]} "
+                "tokens), bf16 relative to fp32")], []
+
+
+BENCHMARKS: dict[str, Callable[[Assets], tuple[list[Row], list[str]]]] = {
+    "sampling": bench_sampling,
+    "precision": bench_precision,
+    "batching": bench_batching,
+    "vocabulary": bench_vocabulary,
+    "scoring": bench_scoring,
+    "memory": bench_memory,
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# Output
+
+def format_number(value: float) -> str:
+    """At least 4 significant digits, never in scientific notation."""
+    decimals = max(0, 3 - int(np.floor(np.log10(abs(value))))) if value else 0
+    return f"{value:.{decimals}f}"
+
+
+def format_table(rows: Sequence[Row]) -> str:
+    """A Markdown table: name, A, B, unit, B/A, meaning."""
+    lines = ["| comparison | A | B | unit | B/A | meaning |", "|---|---:|---:|---|---:|---|"]
+    lines += [f"| {r.name} | {format_number(r.a)} | {format_number(r.b)} | {r.unit} | {r.ratio:.3f} | {r.meaning} |"
+              for r in rows]
+    return "\n".join(lines)
+
+
+def machine_facts() -> str:
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cpu = next((line.split(":", 1)[1].strip() for line in _read_lines("/proc/cpuinfo")
+                if line.startswith("model name")), "unknown CPU")
+    return (f"machine: {cpu}, {os.cpu_count()} cores ({usable} usable), torch {torch.__version__} with "
+            f"{torch.get_num_threads()} threads, CPU capability {torch.backends.cpu.get_cpu_capability()}")
+
+
+def _read_lines(path: str) -> list[str]:
+    try:
+        return Path(path).read_text().splitlines()
+    except OSError:
+        return []
+
+
+def run(names: Sequence[str], sizes: Sizes) -> tuple[list[Row], list[str]]:
+    assets = Assets(sizes)
+    rows, notes = [], []
+    for name in names:
+        new_rows, new_notes = BENCHMARKS[name](assets)
+        rows += new_rows
+        notes += new_notes
+    return rows, notes
+
+
+def main(argv: Sequence[str] | None = None) -> list[Row]:
+    parser = argparse.ArgumentParser(prog="python -m alignment.bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny sizes: seconds instead of minutes")
+    parser.add_argument("--only", action="append", choices=list(BENCHMARKS), metavar="NAME",
+                        help=f"run only this comparison (repeatable): {', '.join(BENCHMARKS)}")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (default: torch's own choice, one per core)")
+    args = parser.parse_args(argv)
+    sizes = QUICK if args.quick else FULL
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads or threads)
+    try:
+        print(machine_facts())
+        print(f"sizes: {sizes}")
+        start = time.perf_counter()
+        rows, notes = run(args.only or list(BENCHMARKS), sizes)
+    finally:
+        torch.set_num_threads(threads)
+    print()
+    print(format_table(rows))
+    for note in notes:
+        print(f"note: {note}")
+    print(f"({time.perf_counter() - start:.0f} s)")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
