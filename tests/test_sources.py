@@ -203,11 +203,11 @@ def test_pile_documents_through_the_sentencizer_keep_scores_aligned(tmp_path):
 DATA_CONFIGS = sorted((CONF_DIR / "data").glob("*.yaml"))
 
 
-def test_data_configs_have_exactly_the_agreed_keys():
+def test_data_configs_have_exactly_the_same_keys():
     assert {p.stem for p in DATA_CONFIGS} >= {"tweets", "pile_detoxify", "hf", "files", "python_code"}
     for path in DATA_CONFIGS:
         cfg = OmegaConf.load(path)
-        assert list(cfg) == ["source", "sentences", "val_fraction", "max_tokens", "seed"], path.name
+        assert list(cfg) == ["source", "sentences", "val_fraction", "max_tokens", "seed", "layout", "block_size"], path.name
         assert cfg.val_fraction == 0.05 and cfg.seed == 42, path.name
         assert cfg.sentences._target_ == "alignment.data.sentences.Sentencizer", path.name
     assert OmegaConf.missing_keys(OmegaConf.load(CONF_DIR / "data" / "hf.yaml")) == {"source.name"}
