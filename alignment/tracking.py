@@ -47,7 +47,7 @@ class MLflowSweepCallback(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         client = mlflow.MlflowClient(self.tracking_uri)
         experiment_id = ensure_experiment(client, self.experiment_name, self.artifact_location)
-        overrides = " ".join(config.hydra.overrides.task)
+        overrides = " ".join(command_line_overrides(config.hydra.overrides.task))
         run = client.create_run(experiment_id, run_name=f"sweep {Path(config.hydra.sweep.dir).name}",
                                 tags={"sweep.overrides": overrides, "sweep.dir": str(config.hydra.sweep.dir)})
         Path(config.hydra.sweep.dir).mkdir(parents=True, exist_ok=True)
@@ -88,7 +88,7 @@ class DDPSweepJobCallback(Callback):
         import torch
 
         self._saved = (list(sys.argv), dict(os.environ), torch.get_num_threads())
-        sys.argv[1:] = job_command_line(sys.argv[1:], list(hydra_cfg.overrides.task))
+        sys.argv[1:] = job_command_line(sys.argv[1:], command_line_overrides(hydra_cfg.overrides.task))
         with read_write(hydra_cfg):
             hydra_cfg.run.dir = hydra_cfg.runtime.output_dir
 
@@ -105,6 +105,12 @@ class DDPSweepJobCallback(Callback):
         os.environ.update(environ)
         torch.set_num_threads(threads)
         self._saved = None
+
+
+def command_line_overrides(overrides) -> list[str]:
+    """Overrides as typed. Read item by item, OmegaConf would resolve `x=${hydra:runtime.output_dir}` and
+    fail outside a job (HydraConfig is not set in on_multirun_start) or freeze it to this job's value."""
+    return OmegaConf.to_container(overrides, resolve=False)
 
 
 #: Hydra flags that choose the primary config: a re-run of one job must keep them.
