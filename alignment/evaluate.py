@@ -63,7 +63,9 @@ def evaluate_run(cfg: DictConfig) -> list[dict]:
         tags["mlflow.parentRunId"] = run_id
     logger_kwargs = {"run_id": run_id} if run_id and not cfg.child_run else {"tags": tags}
     logger = instantiate(cfg.logger, **logger_kwargs)
-    logger.log_hyperparams(tracking.flatten({"eval": OmegaConf.to_container(cfg.eval, resolve=True)}))
+    if logger_kwargs.get("tags"):  # a new run: the eval settings are its params (an old run's params are frozen)
+        logger.log_hyperparams(tracking.flatten({"eval": OmegaConf.to_container(cfg.eval, resolve=True)}))
+    logger.experiment.log_text(logger.run_id, OmegaConf.to_yaml(cfg.eval, resolve=True), "eval/evaluate_config.yaml")
     tracking.log_evaluation(logger, result.rows, result.samples, result.capability)
     logger.finalize("success")
     out = Path(HydraConfig.get().runtime.output_dir)

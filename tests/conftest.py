@@ -43,12 +43,12 @@ def runs_dir(tmp_path_factory) -> Path:
     return path
 
 
-def compose_config(overrides: list[str], output_dir: Path) -> DictConfig:
-    """Compose `conf/config.yaml` as `python -m alignment <overrides>` would, and make the Hydra
+def compose_config(overrides: list[str], output_dir: Path, config_name: str = "config") -> DictConfig:
+    """Compose `conf/<config_name>.yaml` as `python -m alignment <overrides>` would, and make the Hydra
     runtime (output dir) available the way @hydra.main does, minus the `hydra` node itself."""
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=overrides, return_hydra_config=True)
+        cfg = compose(config_name=config_name, overrides=overrides, return_hydra_config=True)
     with open_dict(cfg):
         cfg.hydra.runtime.output_dir = str(output_dir)
         cfg.hydra.job.num = 0

@@ -71,10 +71,14 @@ def score_attributes(task: Task, sentences: list[str], documents: list[dict], ca
     cache = ScoreCache(cache_dir / "scores.sqlite")
     scores = {}
     for name, attribute in task.attributes.items():
-        key = getattr(attribute, "precomputed", None)
+        key = attribute.precomputed
         if key and all(key in d.get("scores", {}) for d in documents):
+            log.info("Reusing the source's '%s' scores for %s", key, name)
             scores[name] = np.concatenate([np.asarray(d["scores"][key], dtype=float) for d in documents])
             continue
+        if key:
+            log.warning("Not every document ships '%s' scores: scoring %s with %s instead", key, name,
+                        attribute.scorer.name)
         log.info("Scoring %d sentences for %s with %s", len(sentences), name, attribute.scorer.name)
         scores[name] = score_with_cache(attribute.scorer, sentences, cache, progress=progress)
     return scores

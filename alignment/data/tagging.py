@@ -43,6 +43,7 @@ class Attribute:
     aligned: str                 # the level we want (the token of the aligned level)
     untagged_fraction: float = 0.0
     judge: Any = None            # optional independent scorer, used only to judge samples
+    precomputed: str | None = None  # name of scores a source ships (pile-detoxify: "detoxify_original") to reuse
 
     def __post_init__(self):
         if len(self.tokens) != len(self.thresholds) + 1:
@@ -110,7 +111,7 @@ class Task:
             attributes[name] = Attribute(
                 name=name, scorer=instantiate(a.scorer), judge=instantiate(a.judge) if a.get("judge") else None,
                 thresholds=list(OmegaConf.to_container(a.thresholds)), tokens=list(a.tokens), aligned=a.aligned,
-                untagged_fraction=float(a.get("untagged_fraction", 0.0)))
+                untagged_fraction=float(a.get("untagged_fraction", 0.0)), precomputed=a.get("precomputed"))
         return cls(name=cfg.name, attributes=attributes, tagged=list(cfg.tagged), placement=cfg.placement,
                    untagged_fraction=float(cfg.untagged_fraction), combine=cfg.combine,
                    threshold=OmegaConf.to_container(cfg.threshold) if isinstance(cfg.threshold, DictConfig)
