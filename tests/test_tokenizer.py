@@ -9,13 +9,13 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
+from alignment.assets import package_dir
 from alignment.tokenizer import (
     EOS_TOKEN,
     PAD_TOKEN,
     add_control_tokens,
     gpt2_tokenizer_offline,
     load_tokenizer,
-    package_dir,
     pretrained_location,
     train_bpe,
 )

