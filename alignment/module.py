@@ -51,8 +51,9 @@ class AlignmentModule(pl.LightningModule):
         out = self(batch)
         values = self.value_head(out.hidden_states[-1]) if self.value_head is not None else None
         loss, metrics = self.objective(out.logits.float(), batch["labels"], batch["scores"], values)
-        # Tokens seen across all processes: the x axis of study A's alignment curves.
-        self.tokens_seen += int(batch["attention_mask"].sum()) * self.trainer.world_size
+        # Tokens seen by all processes together (a sum: the ranks' batches differ in length), the x axis
+        # of study A's alignment curves.
+        self.tokens_seen += int(self.trainer.strategy.reduce(batch["attention_mask"].sum(), reduce_op="sum"))
         self.log_dict({f"train/{k}": v for k, v in metrics.items() if k != "loss"})
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/tokens_seen", self.tokens_seen.float())
