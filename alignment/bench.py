@@ -6,8 +6,9 @@ Shared CPU machines are noisy, so absolute timings say little and timed tests wo
 comparison runs its two sides interleaved (A, B, A, B, ... after one untimed warm-up of each) on the real offline
 components -- tweet sentences from `TweetsSource` + `Sentencizer`, the trained 8k BPE, the small model
 (4 layers x 256, conf/model/small.yaml) -- and reports the median of each side and the ratio B/A. Background load
-that comes and goes hits both sides alike, so the ratio is what to read. A is always the alternative, B what the
-project does, except for the two vocabulary sides, where A is GPT-2's 50k vocabulary and B the corpus BPE.
+that comes and goes hits both sides alike, so the ratio is what to read. Training comparisons alternate single
+steps (the same batch on both sides of a pair), so their two sides are never more than a second apart.
+A is always the alternative, B what the project does (KV cache, bf16, length grouping, corpus BPE, score cache).
 
 Comparisons (names for --only): sampling, precision, batching, vocabulary, scoring, memory.
 `--quick` shrinks every size so that the whole run takes seconds (the test runs it); the default takes a few
@@ -20,8 +21,8 @@ import copy
 import ctypes
 import ctypes.util
 import gc
+import itertools
 import os
-import statistics
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -54,9 +55,9 @@ SEED = 0
 class Sizes:
     tweets: int | None   # tweets read (None = all 38k); the BPE is trained on their sentences
     sentences: int       # sentences the batches are drawn from (padding shares are over all of them)
-    repeats: int         # timed A/B pairs; each side reports the median
+    repeats: int         # timed A/B pairs of sampling, scoring and memory runs; each side reports the median
     batch_size: int      # training batch (conf/config.yaml: 32)
-    train_steps: int     # train steps per timed repetition
+    train_pairs: int     # timed A/B pairs of single train steps (a new batch for each pair)
     prompts: int         # sampling batch (conf/eval: 64)
     prompt_words: int    # words of a sentence in each prompt (conf/eval/prompted.yaml: 4)
     new_tokens: int      # tokens generated per prompt (conf/eval/unconditional.yaml: 64)
@@ -65,9 +66,9 @@ class Sizes:
 
 # A few minutes on 2 idle cores. Sampling without a cache costs prompts x new_tokens^2 (the 50k-vocabulary model is
 # the other slow side), which is what caps these sizes on a shared machine.
-FULL = Sizes(tweets=None, sentences=16000, repeats=3, batch_size=32, train_steps=4, prompts=32, prompt_words=4,
+FULL = Sizes(tweets=None, sentences=16000, repeats=5, batch_size=32, train_pairs=21, prompts=32, prompt_words=4,
              new_tokens=48, score_texts=3000)
-QUICK = Sizes(tweets=1500, sentences=600, repeats=2, batch_size=8, train_steps=2, prompts=8, prompt_words=4,
+QUICK = Sizes(tweets=1500, sentences=600, repeats=3, batch_size=8, train_pairs=3, prompts=8, prompt_words=4,
               new_tokens=8, score_texts=200)
 
 
@@ -89,22 +90,24 @@ class Row:
 # ----------------------------------------------------------------------------------------------
 # Measuring
 
-def rate(run: Callable[[], float]) -> float:
-    """Amount per second: `run()` does the work and returns the amount it processed (tokens, texts...)."""
+def rate(run: Callable[[], float | np.ndarray]) -> float | np.ndarray:
+    """Amount per second: `run()` does the work and returns the amount it processed (tokens, texts...), or an array
+    of amounts in different units (tokens and characters) for as many rates."""
     start = time.perf_counter()
     amount = run()
     return amount / (time.perf_counter() - start)
 
 
-def interleaved(measure_a: Callable[[], float], measure_b: Callable[[], float], repeats: int) -> tuple[float, float]:
-    """Median of `repeats` measurements of each side, taken A, B, A, B, ... after one untimed call of each
-    (first calls pay for allocations and kernel selection that later calls reuse)."""
+def interleaved(measure_a: Callable[[], float | np.ndarray], measure_b: Callable[[], float | np.ndarray],
+                repeats: int) -> tuple:
+    """Median of `repeats` measurements of each side (element-wise for arrays), taken A, B, A, B, ... after one
+    untimed call of each (first calls pay for allocations and kernel selection that later calls reuse)."""
     measure_a(), measure_b()
     a_values, b_values = [], []
     for _ in range(repeats):
         a_values.append(measure_a())
         b_values.append(measure_b())
-    return statistics.median(a_values), statistics.median(b_values)
+    return np.median(np.array(a_values), axis=0), np.median(np.array(b_values), axis=0)
 
 
 def _libc_malloc_trim() -> None:
@@ -172,8 +175,15 @@ def train_step(model, optimizer, batch: dict[str, torch.Tensor], bf16: bool) -> 
     return int(batch["attention_mask"].sum())
 
 
-def train_steps(model, optimizer, batches: Sequence[dict], bf16: bool) -> int:
-    return sum(train_step(model, optimizer, batch, bf16) for batch in batches)
+def stepper(model, optimizer, batches: Sequence[dict], bf16: bool) -> Callable[[], int]:
+    """A callable that trains one step on the next batch (cycling) and returns its real tokens.
+
+    One step per timed measurement: the two sides of a comparison then alternate step by step, a second apart,
+    and share whatever load the machine has. Both sides see their batches in the same order, so pair i of an
+    interleaved comparison is the same batch on both sides.
+    """
+    batches = itertools.cycle(batches)
+    return lambda: train_step(model, optimizer, next(batches), bf16)
 
 
 @torch.no_grad()
@@ -264,7 +274,8 @@ class Assets:
         return collate([(sequences[i], np.zeros(len(sequences[i]), dtype=np.float32)) for i in indices], pad_id)
 
     def train_batches(self, sequences, index_batches, pad_id) -> list[dict[str, torch.Tensor]]:
-        return [self.batch(sequences, indices, pad_id) for indices in index_batches[:self.sizes.train_steps]]
+        """The first batches of an epoch, as many as the timed pairs and the warm-up use."""
+        return [self.batch(sequences, indices, pad_id) for indices in index_batches[:self.sizes.train_pairs + 1]]
 
 
 def _paired_models(vocab_size: int):
@@ -307,8 +318,8 @@ def bench_precision(assets: Assets) -> tuple[list[Row], list[str]]:
     sizes, pad = assets.sizes, assets.bpe.pad_token_id
     batches = assets.train_batches(assets.bpe_sequences, grouped_batches(assets.bpe_lengths, sizes.batch_size), pad)
     (fp32, fp32_opt), (bf16, bf16_opt) = _paired_models(len(assets.bpe))
-    a, b = interleaved(lambda: rate(lambda: train_steps(fp32, fp32_opt, batches, bf16=False)),
-                       lambda: rate(lambda: train_steps(bf16, bf16_opt, batches, bf16=True)), sizes.repeats)
+    step_fp32, step_bf16 = stepper(fp32, fp32_opt, batches, bf16=False), stepper(bf16, bf16_opt, batches, bf16=True)
+    a, b = interleaved(lambda: rate(step_fp32), lambda: rate(step_bf16), sizes.train_pairs)
     return [Row("train step: A fp32, B bf16 autocast", a, b, "tokens/s", "bf16 speed-up of a training step")], []
 
 
@@ -317,11 +328,12 @@ def bench_batching(assets: Assets) -> tuple[list[Row], list[str]]:
     plain, grouped = random_batches(len(lengths), sizes.batch_size), grouped_batches(lengths, sizes.batch_size)
     padding = Row("padding: A random order, B length-grouped", padding_share(lengths, plain),
                   padding_share(lengths, grouped), "pad share", "padding left by grouping (< 1 = less)")
-    plain_batches = assets.train_batches(assets.bpe_sequences, plain, pad)
-    grouped_batches_ = assets.train_batches(assets.bpe_sequences, grouped, pad)
+    plain_train = assets.train_batches(assets.bpe_sequences, plain, pad)
+    grouped_train = assets.train_batches(assets.bpe_sequences, grouped, pad)
     (model_a, opt_a), (model_b, opt_b) = _paired_models(len(assets.bpe))
-    a, b = interleaved(lambda: rate(lambda: train_steps(model_a, opt_a, plain_batches, TRAIN_BF16)),
-                       lambda: rate(lambda: train_steps(model_b, opt_b, grouped_batches_, TRAIN_BF16)), sizes.repeats)
+    step_plain = stepper(model_a, opt_a, plain_train, TRAIN_BF16)
+    step_grouped = stepper(model_b, opt_b, grouped_train, TRAIN_BF16)
+    a, b = interleaved(lambda: rate(step_plain), lambda: rate(step_grouped), sizes.train_pairs)
     speed = Row("batching: A random order, B length-grouped", a, b, "real tok/s",
                 "speed-up in real (unpadded) tokens trained per second")
     return [padding, speed], []
@@ -331,25 +343,30 @@ def bench_vocabulary(assets: Assets) -> tuple[list[Row], list[str]]:
     sizes, bpe, gpt2 = assets.sizes, assets.bpe, assets.gpt2
     gpt2_sequences = assets.sequences(gpt2)
     # The same sentences in the same batches on both sides, so both train on exactly the same text.
-    index_batches = grouped_batches(assets.bpe_lengths, sizes.batch_size)[:sizes.train_steps]
-    chars = sum(len(assets.sentences[i]) for indices in index_batches for i in indices)
+    index_batches = grouped_batches(assets.bpe_lengths, sizes.batch_size)
     gpt2_batches = assets.train_batches(gpt2_sequences, index_batches, gpt2.pad_token_id)
     bpe_batches = assets.train_batches(assets.bpe_sequences, index_batches, bpe.pad_token_id)
     gpt2_model, bpe_model = small_model(len(gpt2)), small_model(len(bpe))
-    gpt2_opt, bpe_opt = optimizer_for(gpt2_model), optimizer_for(bpe_model)
-    a, b = interleaved(lambda: rate(lambda: train_steps(gpt2_model, gpt2_opt, gpt2_batches, TRAIN_BF16)),
-                       lambda: rate(lambda: train_steps(bpe_model, bpe_opt, bpe_batches, TRAIN_BF16)), sizes.repeats)
-    gpt2_tokens = sum(int(batch["attention_mask"].sum()) for batch in gpt2_batches)
-    bpe_tokens = sum(int(batch["attention_mask"].sum()) for batch in bpe_batches)
+    step_gpt2 = _with_characters(stepper(gpt2_model, optimizer_for(gpt2_model), gpt2_batches, TRAIN_BF16),
+                                 assets.sentences, index_batches[:len(gpt2_batches)])
+    step_bpe = _with_characters(stepper(bpe_model, optimizer_for(bpe_model), bpe_batches, TRAIN_BF16),
+                                assets.sentences, index_batches[:len(bpe_batches)])
+    (tokens_a, chars_a), (tokens_b, chars_b) = interleaved(lambda: rate(step_gpt2), lambda: rate(step_bpe),
+                                                           sizes.train_pairs)
     name = f"vocabulary: A GPT-2 {len(gpt2) // 1000}k, B BPE {len(bpe) // 1000}k"
     mean_a = np.mean([len(s) for s in gpt2_sequences]) - 2  # without the two EOS
     mean_b = assets.bpe_lengths.mean() - 2
     return [
         Row(name, mean_a, mean_b, "tokens/sent", "tokens per sentence (> 1 = BPE needs more)"),
-        Row(name, a, b, "tokens/s", "speed-up in tokens trained per second"),
-        # tokens/s x characters per token: the speed in text, what a fixed corpus costs.
-        Row(name, a * chars / gpt2_tokens, b * chars / bpe_tokens, "chars/s", "speed-up in text trained per second"),
+        Row(name, tokens_a, tokens_b, "tokens/s", "speed-up in tokens trained per second"),
+        Row(name, chars_a, chars_b, "chars/s", "speed-up in text trained per second (what a corpus costs)"),
     ], []
+
+
+def _with_characters(step: Callable[[], int], sentences: list[str], index_batches) -> Callable[[], np.ndarray]:
+    """Wrap a stepper so that it returns [tokens, characters] of the batch it trained on (same cycling order)."""
+    characters = itertools.cycle([sum(len(sentences[i]) for i in indices) for indices in index_batches])
+    return lambda: np.array([step(), next(characters)], dtype=np.float64)
 
 
 def bench_scoring(assets: Assets) -> tuple[list[Row], list[str]]:
@@ -359,7 +376,7 @@ def bench_scoring(assets: Assets) -> tuple[list[Row], list[str]]:
     texts = assets.corpus[:assets.sizes.score_texts]
     scorer = JigsawBiLSTM()
     with tempfile.TemporaryDirectory() as folder:
-        misses = iter(range(10**6))
+        misses = itertools.count()
 
         def miss() -> int:  # a fresh cache file each time: every text is scored and stored
             with ScoreCache(Path(folder) / f"miss-{next(misses)}.sqlite") as cache:
