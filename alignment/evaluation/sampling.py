@@ -153,14 +153,36 @@ def _draw(scores, generators, rules):
     if rules.top_k:
         kth_best = scores.topk(min(rules.top_k, scores.shape[-1]), dim=-1).values[:, -1:]
         scores = scores.masked_fill(scores < kth_best, -torch.inf)
-    if rules.top_p < 1:
-        # Nucleus: keep the most likely tokens until their mass reaches top_p (the best token always stays).
-        sorted_scores, order = scores.sort(dim=-1, descending=True)
-        probs = sorted_scores.softmax(-1)
-        outside = (probs.cumsum(-1) - probs) >= rules.top_p
-        scores = scores.masked_fill(torch.zeros_like(outside).scatter(-1, order, outside), -torch.inf)
-    # Gumbel-max: argmax(log p + Gumbel noise) is an exact draw from p, and the noise comes from each prompt's own
-    # generator (a shared torch.multinomial stream would tie a prompt's sample to its batch companions).
-    uniform = torch.stack([torch.rand(scores.shape[-1], generator=g) for g in generators]).to(scores.device)
-    gumbel = -torch.log(-torch.log(uniform.clamp_min(1e-20)))
-    return (scores + gumbel).argmax(-1)
+    probs, order = _nucleus(scores.softmax(-1), rules.top_p)
+    # Inverse-CDF draw with one uniform number per prompt from that prompt's own generator (a shared
+    # torch.multinomial stream would tie a prompt's sample to its batch companions).
+    uniform = torch.stack([torch.rand((), generator=g) for g in generators]).to(probs.device)
+    cdf = probs.cumsum(-1)
+    picked = torch.searchsorted(cdf, (uniform * cdf[:, -1]).unsqueeze(-1)).clamp_max(probs.shape[-1] - 1)
+    return order.gather(-1, picked).squeeze(-1)
+
+
+NUCLEUS_CANDIDATES = 256
+
+
+def _nucleus(probs, top_p):
+    """The tokens to draw from, most likely first, and their probabilities (zero outside the nucleus).
+
+    The nucleus keeps the most likely tokens until their mass reaches top_p (the best token always
+    stays). Sorting the whole vocabulary every step is the slowest part of sampling, so rows whose top
+    NUCLEUS_CANDIDATES tokens already hold top_p of the mass (almost all of them) use only those; the
+    rest fall back to a full sort. Both give exactly the same nucleus.
+    """
+    if top_p >= 1:
+        return probs, torch.arange(probs.shape[-1], device=probs.device).expand_as(probs)
+    k = min(NUCLEUS_CANDIDATES, probs.shape[-1])
+    top, order = probs.topk(k, dim=-1)
+    short = top.sum(-1) < top_p
+    if short.any():  # the nucleus is wider than the candidates for these rows: sort them fully
+        wide = torch.zeros_like(probs)
+        wide_order = torch.zeros(probs.shape, dtype=torch.long, device=probs.device)
+        wide[:, :k], wide_order[:, :k] = top, order
+        wide[short], wide_order[short] = probs[short].sort(dim=-1, descending=True)
+        top, order = wide, wide_order
+    outside = (top.cumsum(-1) - top) >= top_p
+    return top.masked_fill(outside, 0.0), order
