@@ -24,7 +24,7 @@ def test_control_token_decides_sentiment(tiny_config, tmp_path):
     corpus.write_text("\n".join(lines * 2) + "\n")
     cfg = tiny_config("task=sen", "data=files", f"data.source.paths={corpus}", "data.sentences.dedupe=false",
                       "data.val_fraction=0.1", "trainer.max_steps=300", "trainer.max_epochs=100",
-                      "trainer.val_check_interval=1.0", "model.arch.n_embd=64", "module.optimizer.lr=3e-3",
+                      "trainer.val_check_interval=100", "model.arch.n_embd=64", "module.optimizer.lr=3e-3",
                       "datamodule.batch_size=16", "eval.num_samples=40", "eval.sampling.max_new_tokens=16",
                       "eval.sampling.temperature=0.7", "save_model=false", "eval.curve.every_n_steps=100",
                       "eval.curve.num_samples=8")
