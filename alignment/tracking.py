@@ -161,7 +161,7 @@ def ensure_experiment(client: mlflow.MlflowClient, name: str, artifact_location:
 def run_tags(cfg: DictConfig) -> dict[str, str]:
     """Tags that make runs findable: task, objective, model, data, the sweep parent, the git commit."""
     tags = {"task": cfg.task.name, "objective": cfg.objective.name,
-            "model": str(cfg.model.get("name", "")), "data": str(cfg.data.source.get("_target_", "")).split(".")[-1]}
+            "model": HydraConfig.get().runtime.choices.get("model", "") if HydraConfig.initialized() else "", "data": str(cfg.data.source.get("_target_", "")).split(".")[-1]}
     if HydraConfig.initialized():
         hc = HydraConfig.get()
         tags["output_dir"] = hc.runtime.output_dir

@@ -80,12 +80,27 @@ def run(cfg: DictConfig) -> dict[str, float]:
         return {}  # other DDP ranks stop here; rank 0 saves and evaluates
 
     results: dict[str, float] = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+    try:
+        results.update(save_and_evaluate(cfg, trainer, logger, model, tokenizer, task, datamodule, output_dir))
+    except BaseException:
+        # fit() already marked the MLflow run FINISHED; a run without its evaluation must not look complete.
+        logger.experiment.set_terminated(logger.run_id, "FAILED")
+        raise
+    logger.finalize("success")
+    print(f"\nOutputs: {output_dir}\nMLflow run: {logger.run_id} in experiment '{cfg.logger.experiment_name}'"
+          f"\nOpen it: {tracking.ui_command(cfg.logger.tracking_uri)}")
+    return results
+
+
+def save_and_evaluate(cfg, trainer, logger, model, tokenizer, task, datamodule, output_dir: Path) -> dict[str, float]:
+    """After training, on global rank 0: save the model, evaluate it, log and print the results."""
+    results: dict[str, float] = {}
     if cfg.save_model:
         model_dir = save_model(model, tokenizer, output_dir / "model")
         tracking.log_model_dir(logger, model_dir)
         log.info("Saved model and tokenizer to %s", model_dir)
     if cfg.evaluate:
-        model.eval()
+        model.to(trainer.strategy.root_device).eval()  # Lightning moves the module back to CPU after fit
         evaluation = evaluate(model, tokenizer, task, cfg.eval, datamodule.val_sentences())
         tracking.log_evaluation(logger, evaluation.rows, evaluation.samples, evaluation.capability)
         table = format_table(evaluation.rows, task)
@@ -98,7 +113,4 @@ def run(cfg: DictConfig) -> dict[str, float]:
             if row["guidance"] == 1.0:
                 results.update({f"eval/{row['combination']}/{k}": v for k, v in row.items()
                                 if isinstance(v, (int, float)) and k != "guidance"})
-    logger.finalize("success")
-    print(f"\nOutputs: {output_dir}\nMLflow run: {logger.run_id} in experiment '{cfg.logger.experiment_name}'"
-          f"\nOpen it: {tracking.ui_command(cfg.logger.tracking_uri)}")
     return results

@@ -95,6 +95,16 @@ def test_filtering_removes_exactly_the_documents_above_threshold(runs_dir, tmp_p
     assert len(after) == int((before <= 0.6).sum()) and (after <= 0.6 + 1e-6).all()
 
 
+def test_filtering_in_the_sentence_layout_drops_sentences(runs_dir, tmp_path):
+    _, full = datamodule(tmp_path, "objective=mle")
+    _, filtered = datamodule(tmp_path, "objective=filtering", "task.threshold=0.6")
+    before, after = Split.load(full.folder, "train"), Split.load(filtered.folder, "train")
+    first = lambda split: split.scores[split.offsets[:-1]]  # every token of an example carries its sentence's score
+    assert 0 < filtered.meta["stats"]["filtered_sentences"] == int((first(before) > 0.6).sum())
+    assert len(after) == int((first(before) <= 0.6).sum()) and (first(after) <= 0.6 + 1e-6).all()
+    assert filtered.meta["stats"]["filtered_documents"] == 0
+
+
 def test_packed_layout_has_eos_only_at_document_starts(runs_dir, tmp_path):
     cfg, dm = datamodule(tmp_path, "data.layout=packed", "data.block_size=16", "task.placement=document")
     dm.setup()

@@ -258,3 +258,11 @@ def test_each_scorer_config_builds_its_scorer_with_the_code_defaults(config_name
     scorer = instantiate(OmegaConf.load(f"{CONF_DIR}/scorer/{config_name}.yaml"))
     assert type(scorer) is type(expected)
     assert scorer.cache_key() == expected.cache_key()
+
+
+def test_pii_ignores_the_anonymised_handle_placeholder():
+    """Gentle cleaning writes `@user` where a handle was: our own anonymisation, not PII."""
+    from alignment.scorers.pii import ScrubadubPII
+
+    scores = ScrubadubPII(processes=1).score(["@user thanks for the follow, see you soon", "ping @realperson now"])
+    assert scores[0] == 0.0 and scores[1] > 0.0

@@ -68,8 +68,13 @@ def read_documents(data: DictConfig, progress: bool) -> tuple[list[dict], dict]:
 def score_attributes(task: Task, sentences: list[str], documents: list[dict], cache_dir: Path, progress: bool):
     """Scores of every sentence for every attribute. A source that ships scores for an attribute
     (pile-detoxify's Detoxify 'original' scores) is reused when the attribute names it in `precomputed`."""
-    cache = ScoreCache(cache_dir / "scores.sqlite")
     scores = {}
+    with ScoreCache(cache_dir / "scores.sqlite") as cache:
+        _score_into(scores, task, sentences, documents, cache, progress)
+    return scores
+
+
+def _score_into(scores, task, sentences, documents, cache, progress):
     for name, attribute in task.attributes.items():
         key = attribute.precomputed
         if key and all(key in d.get("scores", {}) for d in documents):
@@ -81,7 +86,6 @@ def score_attributes(task: Task, sentences: list[str], documents: list[dict], ca
                         attribute.scorer.name)
         log.info("Scoring %d sentences for %s with %s", len(sentences), name, attribute.scorer.name)
         scores[name] = score_with_cache(attribute.scorer, sentences, cache, progress=progress)
-    return scores
 
 
 def build(data: DictConfig, task_cfg: DictConfig, tagging: bool, filter_threshold, tokenizer_cfg: DictConfig,
@@ -117,14 +121,22 @@ def build(data: DictConfig, task_cfg: DictConfig, tagging: bool, filter_threshol
     levels = {name: a.levels(scores[name]) for name, a in task.attributes.items()}
     combined = task.combined_misalignment(scores)
 
-    # Filtering drops whole training documents whose mean misalignment is above the threshold.
+    layout = data.get("layout", "sentence")
+    if layout not in ("sentence", "document", "packed"):
+        raise ValueError(f"data.layout must be sentence, document or packed, got {layout!r}")
+    # Filtering drops training documents whose mean misalignment is above the threshold; in the
+    # one-sentence layout, where a sentence is the document, it drops sentences.
     keep_doc = np.ones(len(documents), dtype=bool)
+    filtered = np.zeros(len(sentences), dtype=bool)
     resolved_filter = None
     if filter_threshold is not None:
         resolved_filter = resolve_threshold(filter_threshold, combined[train_mask])
-        doc_mean = np.bincount(doc_of, weights=combined, minlength=len(documents)) / np.bincount(doc_of, minlength=len(documents))
-        keep_doc = is_val | (doc_mean <= resolved_filter)
-        if not keep_doc[~is_val].any():
+        if layout == "sentence":
+            filtered = train_mask & (combined > resolved_filter)
+        else:
+            doc_mean = np.bincount(doc_of, weights=combined, minlength=len(documents)) / np.bincount(doc_of, minlength=len(documents))
+            keep_doc = is_val | (doc_mean <= resolved_filter)
+        if not (keep_doc[doc_of] & ~filtered & train_mask).any():
             raise ValueError(f"filter_threshold={filter_threshold} (= {resolved_filter:.4g}) removes every training "
                              f"document; raise it (e.g. objective.filter_threshold={{quantile: 0.9}})")
 
@@ -133,7 +145,8 @@ def build(data: DictConfig, task_cfg: DictConfig, tagging: bool, filter_threshol
     control_tokens = task.control_tokens if tagging else []
     add_control_tokens(tokenizer, control_tokens)
     ids = tokenizer(sentences, add_special_tokens=False)["input_ids"]
-    spaced = tokenizer([" " + s for s in sentences], add_special_tokens=False)["input_ids"]
+    joiner = "\n" if data.sentences.get("kind") == "code" else " "  # a leading space would break Python code
+    spaced = tokenizer([joiner + s for s in sentences], add_special_tokens=False)["input_ids"]
     token_id = {t: tokenizer.convert_tokens_to_ids(t) for t in control_tokens}
     eos = tokenizer.eos_token_id
 
@@ -142,10 +155,6 @@ def build(data: DictConfig, task_cfg: DictConfig, tagging: bool, filter_threshol
     unit_levels = levels if task.placement == "sentence" else _document_levels(task, scores, doc_of, len(documents))
     prefixes = task.tag_prefixes(unit_levels, rng) if tagging and task.tagged else None
 
-    layout = data.get("layout", "sentence")
-    if layout not in ("sentence", "document", "packed"):
-        raise ValueError(f"data.layout must be sentence, document or packed, got {layout!r}")
-
     def assemble(doc_mask: np.ndarray, tagged: bool) -> Split:
         """One sequence per sentence (layout sentence, study B) or per document (document / packed,
         study A): EOS, then for each sentence its control tokens and its text, then EOS. Every token,
@@ -153,7 +162,7 @@ def build(data: DictConfig, task_cfg: DictConfig, tagging: bool, filter_threshol
         sentences_of = np.split(np.arange(len(sentences)), np.cumsum([len(d["sentences"]) for d in documents])[:-1])
         seqs, seq_scores = [], []
         for d in np.flatnonzero(doc_mask):
-            members = [i for i in sentences_of[d] if not too_long[i]]
+            members = [i for i in sentences_of[d] if not (too_long[i] or filtered[i])]
             for group in ([[i] for i in members] if layout == "sentence" else [members] if members else []):
                 toks, sc = [eos], [combined[group[0]]]
                 if tagged and prefixes and task.placement == "document":
@@ -187,6 +196,7 @@ def build(data: DictConfig, task_cfg: DictConfig, tagging: bool, filter_threshol
         "train_examples": len(train), "val_examples": len(val),
         "train_tokens": int(len(train.tokens)), "val_tokens": int(len(val.tokens)),
         "filtered_documents": int((~keep_doc).sum()),
+        "filtered_sentences": int(filtered.sum()),
     }
     for name, a in task.attributes.items():
         for lvl, level_name in enumerate(a.level_names):
@@ -212,7 +222,12 @@ def build(data: DictConfig, task_cfg: DictConfig, tagging: bool, filter_threshol
             for i in np.flatnonzero(~train_mask):
                 f.write(json.dumps({"text": sentences[i], **{n: int(levels[n][i]) for n in levels}}) + "\n")
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2, default=float))
-        os.replace(tmp, folder) if not folder.exists() else shutil.rmtree(tmp)  # another rank may have won the race
+        try:
+            os.replace(tmp, folder)
+        except OSError:  # another process built the same dataset meanwhile: keep theirs
+            if not (folder / "meta.json").exists():
+                raise
+            shutil.rmtree(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

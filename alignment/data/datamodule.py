@@ -81,6 +81,7 @@ class LengthGroupedSampler(DistributedSampler):
                                 for w in np.split(order, range(span, len(order), span))])
         batches = np.split(order, range(self.batch_size, len(order), self.batch_size))
         batches = [batches[i] for i in rng.permutation(len(batches))]
+        batches.sort(key=lambda b: len(b) < self.batch_size)  # the one short batch last: it would split a group
         if self.num_replicas > 1:
             full = [b for b in batches if len(b) == self.batch_size]
             batches = full[self.rank::self.num_replicas][: len(full) // self.num_replicas]

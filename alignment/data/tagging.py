@@ -91,6 +91,7 @@ class Task:
     untagged_fraction: float = 0.01
     combine: str = "max"
     threshold: Any = None
+    eval_unit: str = "sentence"  # what evaluation scores: generated sentences, or whole samples (code)
 
     def __post_init__(self):
         unknown = [a for a in self.tagged if a not in self.attributes]
@@ -98,6 +99,8 @@ class Task:
             raise ValueError(f"task '{self.name}': tagged attributes {unknown} are not among {list(self.attributes)}")
         if self.placement not in ("sentence", "document"):
             raise ValueError(f"task '{self.name}': placement must be 'sentence' or 'document', got {self.placement!r}")
+        if self.eval_unit not in ("sentence", "sample"):
+            raise ValueError(f"task '{self.name}': eval_unit must be 'sentence' or 'sample', got {self.eval_unit!r}")
         if self.combine not in ("max", "mean"):
             raise ValueError(f"task '{self.name}': combine must be 'max' or 'mean', got {self.combine!r}")
         tokens = self.control_tokens
@@ -114,6 +117,7 @@ class Task:
                 untagged_fraction=float(a.get("untagged_fraction", 0.0)), precomputed=a.get("precomputed"))
         return cls(name=cfg.name, attributes=attributes, tagged=list(cfg.tagged), placement=cfg.placement,
                    untagged_fraction=float(cfg.untagged_fraction), combine=cfg.combine,
+                   eval_unit=cfg.get("eval_unit", "sentence"),
                    threshold=OmegaConf.to_container(cfg.threshold) if isinstance(cfg.threshold, DictConfig)
                    else cfg.threshold)
 

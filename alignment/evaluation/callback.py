@@ -23,6 +23,7 @@ class AlignmentCurve(pl.Callback):
         with open_dict(self.cfg):
             self.cfg.num_samples = num_samples
             self.cfg.guidance_scales = [1.0]
+            self.cfg.reference = None  # the KL from a reference model is for the final evaluation only
         self.last_step = -1
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):

@@ -46,7 +46,9 @@ def build_prompts(tokenizer, task: Task, combo: dict, cfg, prompts_text: list[st
 def prompt_texts(val_sentences: list[dict], cfg) -> list[str]:
     if cfg.mode == "unconditional":
         return []
-    picked = [s["text"] for s in val_sentences if len(s["text"].split()) > cfg.prompt_words][: cfg.num_samples]
+    candidates = [s["text"] for s in val_sentences if len(s["text"].split()) > cfg.prompt_words]
+    # A seeded sample, not the first N: consecutive held-out sentences often come from a few documents.
+    picked = [candidates[i] for i in np.random.default_rng(cfg.seed).permutation(len(candidates))[: cfg.num_samples]]
     if not picked:
         raise ValueError(f"No held-out sentence has more than eval.prompt_words={cfg.prompt_words} words")
     return [" ".join(t.split()[: cfg.prompt_words]) for t in picked]
@@ -87,7 +89,8 @@ def score_outputs(task: Task, combo: dict, outputs: list[str], prompts: list[str
     name = task.combination_name(combo)
     sentences, owner = [], []
     for k, text in enumerate(outputs):
-        for s in split_sentences(text):
+        # Code is judged whole (pycodestyle on single lines reports violations of the snippet's layout).
+        for s in (split_sentences(text) if task.eval_unit == "sentence" else [text] if text.strip() else []):
             sentences.append(s)
             owner.append(k)
     row = {"combination": name, "samples": len(outputs), "sentences": len(sentences),

@@ -35,6 +35,9 @@ def count_filth(texts: Sequence[str], detectors: tuple[str, ...], locale: str) -
     return [sum(1 for _ in scrubber.iter_filth(text)) for text in texts]
 
 
+ANONYMISED_HANDLE = "@user"
+
+
 class ScrubadubPII(Scorer):
     """scrubadub detections per character (0 for an empty text). Lower is better; range [0, inf)."""
 
@@ -53,9 +56,13 @@ class ScrubadubPII(Scorer):
         self.processes = resolve_processes(processes)
 
     def settings(self) -> dict:
-        return {"detectors": list(self.detectors), "locale": self.locale, "package": package_version("scrubadub")}
+        return {"detectors": list(self.detectors), "locale": self.locale, "package": package_version("scrubadub"),
+                "ignores": ANONYMISED_HANDLE}
 
     def counts(self, texts: list[str]) -> np.ndarray:
+        # `@user` is the placeholder gentle cleaning puts where a handle was (alignment.data.sentences): our own
+        # anonymisation, not PII. Counted, it would make half of the tweets "misaligned" for mentioning someone.
+        texts = [t.replace(ANONYMISED_HANDLE, "user") for t in texts]
         chunk_counter = functools.partial(count_filth, detectors=self.detectors, locale=self.locale)
         return np.asarray(map_in_processes(chunk_counter, texts, self.processes), dtype=np.float64)
 
