@@ -241,3 +241,13 @@ def test_hub_unreachable_without_offline_mode():
     # The real thing on a machine without network: `datasets` retries for ~20 s, then gives up.
     with pytest.raises(ConnectionError, match="network access to the hub"):
         list(HFSource("someone/some-dataset")())
+
+
+def test_jsonl_with_bad_bytes_and_bad_lines(tmp_path):
+    good = tmp_path / "a.jsonl"
+    good.write_bytes(b'{"text": "caf\xe9 au lait is tasty"}\n')  # latin-1 byte in a UTF-8 file
+    assert list(FilesSource(str(good))()) == [{"text": "caf\ufffd au lait is tasty"}]
+    bad = tmp_path / "b.jsonl"
+    bad.write_text('{"text": "fine"}\nnot json\n')
+    with pytest.raises(ValueError, match=r"b.jsonl:2 is not valid JSON"):
+        list(FilesSource(str(bad))())

@@ -197,11 +197,16 @@ class FilesSource:
                     paragraph = []
 
     def _read_jsonl(self, path: Path) -> Iterator[str]:
-        with open(path, encoding="utf-8") as f:
+        # Undecodable bytes become U+FFFD (as for .txt) rather than stopping the whole build.
+        with open(path, encoding="utf-8", errors="replace") as f:
             for number, line in enumerate(f, 1):
                 if not line.strip():
                     continue
-                record = json.loads(line)
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as error:
+                    raise ValueError(f"{path}:{number} is not valid JSON ({error.msg}); each line of a .jsonl "
+                                     f"file must be one JSON object with a {self.text_field!r} field") from error
                 if self.text_field not in record:
                     raise KeyError(f"{path}:{number} has no field {self.text_field!r} "
                                    f"(fields: {sorted(record)}); set data.source.text_field")
