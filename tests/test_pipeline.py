@@ -78,3 +78,10 @@ def test_quantile_threshold_reaches_the_objective(tiny_config):
     import numpy as np
     scores = np.load(dm.folder / "train_sentence_misalignment.npy")
     assert objective.threshold == pytest.approx(float(np.quantile(scores, 0.5)))
+
+
+@pytest.mark.parametrize("task,data", [("pep8", "data=python_code"), ("pii", "data=tweets")])
+def test_study_a_code_and_pii_tasks_run(tiny_config, task, data):
+    cfg = tiny_config(f"task={task}", data, "data.source.limit=60", "save_model=false", "eval.num_samples=2")
+    results = run(cfg)
+    assert f"eval/aligned/{task}/misaligned" in results and f"eval/misaligned/{task}/misaligned" in results
