@@ -63,8 +63,11 @@ class AlignmentModule(pl.LightningModule):
         logits = self(batch).logits.float()
         loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)), batch["labels"][:, 1:].reshape(-1),
                                ignore_index=-100)
-        name = "val/loss" if dataloader_idx == 0 else "val/loss_untagged"
-        self.log(name, loss, sync_dist=True, add_dataloader_idx=False, prog_bar=dataloader_idx == 0)
+        # One loader means the validation text has no control tokens: its loss is also the untagged loss.
+        single = len(self.trainer.num_val_batches) == 1
+        names = ["val/loss", "val/loss_untagged"] if single else ["val/loss" if dataloader_idx == 0 else "val/loss_untagged"]
+        for name in names:
+            self.log(name, loss, sync_dist=True, add_dataloader_idx=False, prog_bar=name == "val/loss")
 
     def on_validation_epoch_end(self):
         for name in ("val/loss", "val/loss_untagged"):

@@ -63,6 +63,8 @@ def test_every_objective_runs_with_a_study_a_task(tiny_config, objective):
     cfg = tiny_config(f"objective={objective}", "task=toxicity", "save_model=false", "eval.num_samples=2")
     results = run(cfg)
     assert results["train/loss"] == results["train/loss"]  # finite, logged
+    # untagged objectives validate one text once: its loss is both the tagged and the untagged loss
+    assert results["val/loss_untagged"] == results["val/loss"]
     assert "eval/none/joint/misaligned" in results
 
 

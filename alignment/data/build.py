@@ -54,7 +54,7 @@ def dataset_key(cfg: dict) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def read_documents(data: DictConfig, progress: bool) -> tuple[list[dict], dict]:
+def read_documents(data: DictConfig) -> tuple[list[dict], dict]:
     source = instantiate(data.source)
     sentencizer = instantiate(data.sentences)
     documents = list(sentencizer(source()))
@@ -102,7 +102,7 @@ def build(data: DictConfig, task_cfg: DictConfig, tagging: bool, filter_threshol
         return folder
 
     task = Task.from_config(task_cfg)
-    documents, sentence_stats = read_documents(data, progress)
+    documents, sentence_stats = read_documents(data)
     rng = np.random.default_rng(int(data.seed))
     # Split by document so that no document's sentences leak from train into validation.
     is_val = rng.random(len(documents)) < float(data.val_fraction)

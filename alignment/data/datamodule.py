@@ -123,7 +123,9 @@ class AlignmentDataModule(pl.LightningDataModule):
         block = int(self.data_cfg.get("block_size") or 128)
         view = PackedDataset if self.meta["layout"] == "packed" else SequenceDataset
         self.train_set = view(Split.load(self.folder, "train"), block)
-        self.val_sets = [view(Split.load(self.folder, name), block) for name in ("val", "val_untagged")]
+        # Without control tokens the two validation splits are the same text: evaluate it once.
+        names = ("val", "val_untagged") if self.meta["control_tokens"] else ("val",)
+        self.val_sets = [view(Split.load(self.folder, name), block) for name in names]
 
     @property
     def tokenizer(self):
@@ -160,5 +162,5 @@ class AlignmentDataModule(pl.LightningDataModule):
                                                                  num_replicas=world, rank=rank))
 
     def val_dataloader(self):
-        # 0: the validation split as trained (tagged); 1: the same text untagged (capability).
+        # 0: the validation split as trained (tagged); 1: the same text untagged (capability), when they differ.
         return [self._loader(v) for v in self.val_sets]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 
 import pytorch_lightning as pl
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, open_dict
 
 from alignment.data.tagging import Task
 from alignment.evaluation.evaluator import evaluate

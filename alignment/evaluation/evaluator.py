@@ -12,7 +12,6 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from alignment.data.sentences import split_sentences
