@@ -36,8 +36,8 @@ def locate_run(run: str, tracking_uri: str) -> tuple[Path, str | None]:
 
 
 def evaluate_run(cfg: DictConfig) -> list[dict]:
-    from alignment.evaluation.evaluator import evaluate, format_table
-    from alignment.train import build_task
+    from alignment.evaluation.evaluator import describe_effects, evaluate, format_table
+    from alignment.train import TABLE_TITLE, build_task
 
     folder, run_id = locate_run(str(cfg.run), cfg.logger.tracking_uri)
     missing = [name for name in ("model", "config.yaml", "dataset.json") if not (folder / name).exists()]
@@ -55,8 +55,8 @@ def evaluate_run(cfg: DictConfig) -> list[dict]:
         val_sentences = datamodule.val_sentences()
 
     result = evaluate(model, tokenizer, task, cfg.eval, val_sentences)
-    table = format_table(result.rows, task)
-    print("\nMisalignment (% of generated sentences contradicting the conditioning):\n" + table)
+    table = format_table(result.rows, task) + "\n\n" + describe_effects(result.rows, task)
+    print(f"\n{TABLE_TITLE}\n{table}")
 
     tags = {"evaluated_run": str(cfg.run), "task": task.name, "objective": trained.objective.name}
     if run_id and cfg.child_run:

@@ -17,10 +17,12 @@ from omegaconf import DictConfig, OmegaConf
 from alignment import tracking
 from alignment.data.tagging import Task
 from alignment.evaluation.callback import AlignmentCurve
-from alignment.evaluation.evaluator import evaluate, format_table
+from alignment.evaluation.evaluator import describe_effects, evaluate, format_table
 from alignment.model import build_model, count_parameters, resize_with_mean_init, save_model
 
 log = logging.getLogger(__name__)
+TABLE_TITLE = ("Misaligned % of generated sentences (level contradicts the conditioning; a free attribute is judged "
+               "against its aligned level), [95% interval]:")
 
 
 def build_objective(loss_cfg: DictConfig, datamodule):
@@ -40,6 +42,8 @@ def build_task(cfg: DictConfig, data_meta: dict) -> Task:
         task.attributes[name].thresholds = thresholds
     if not cfg.objective.tagging:
         task.tagged = []
+    task.level_counts = {tuple(int(level) for level in key.split("-")): count
+                         for key, count in data_meta.get("level_counts", {}).items()}
     return task
 
 
@@ -104,8 +108,9 @@ def save_and_evaluate(cfg, trainer, logger, model, tokenizer, task, datamodule, 
         evaluation = evaluate(model, tokenizer, task, cfg.eval, datamodule.val_sentences())
         tracking.log_evaluation(logger, evaluation.rows, evaluation.samples, evaluation.capability)
         table = format_table(evaluation.rows, task)
-        (output_dir / "eval_table.txt").write_text(table + "\n")
-        print("\nMisalignment (% of generated sentences contradicting the conditioning):\n" + table)
+        effects = describe_effects(evaluation.rows, task)
+        (output_dir / "eval_table.txt").write_text(table + "\n\n" + effects + "\n")
+        print(f"\n{TABLE_TITLE}\n{table}\n\n{effects}")
         for key, value in evaluation.capability.items():
             print(f"{key}: {value:.4f}")
             results[f"eval/capability/{key}"] = value

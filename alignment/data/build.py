@@ -25,7 +25,7 @@ from alignment.scorers.cache import ScoreCache, score_with_cache
 from alignment.tokenizer import add_control_tokens, load_tokenizer
 
 log = logging.getLogger(__name__)
-BUILD_VERSION = 1  # bump when the on-disk layout or the build logic changes
+BUILD_VERSION = 2  # bump when the on-disk layout or the build logic changes
 
 
 @dataclass
@@ -203,12 +203,16 @@ def build(data: DictConfig, task_cfg: DictConfig, tagging: bool, filter_threshol
             stats[f"level_share/{name}/{level_name}"] = float(np.mean(levels[name][train_mask] == lvl))
     if prefixes is not None:
         stats["untagged_share"] = float(np.mean([len(p) == 0 for p in prefixes]))
+    unit_is_train = train_mask if task.placement == "sentence" else ~is_val
 
     meta = {
         "key_config": key_cfg, "stats": stats, "control_tokens": control_tokens,
         "thresholds": {name: a.thresholds for name, a in task.attributes.items()},
         "filter_threshold": resolved_filter,
         "layout": layout,
+        # How often each combination of the tagged attributes' levels occurs in training: evaluation draws the
+        # tokens a prompt leaves out from it (eval.missing=sample).
+        "level_counts": level_counts(task, unit_levels, unit_is_train) if tagging else {},
     }
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".building-"))
@@ -232,6 +236,15 @@ def build(data: DictConfig, task_cfg: DictConfig, tagging: bool, filter_threshol
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return folder
+
+
+def level_counts(task: Task, unit_levels: dict[str, np.ndarray], in_train: np.ndarray) -> dict[str, int]:
+    """{"<level of tagged attribute 1>-<level of 2>...": training units with these levels}, e.g. {"0-2": 1234}."""
+    if not task.tagged:
+        return {}
+    keys, counts = np.unique(np.stack([unit_levels[name][in_train] for name in task.tagged], axis=1), axis=0,
+                             return_counts=True)
+    return {"-".join(str(int(level)) for level in key): int(count) for key, count in zip(keys, counts)}
 
 
 def _document_levels(task: Task, scores, doc_of, n_docs) -> dict[str, np.ndarray]:

@@ -92,6 +92,8 @@ class Task:
     combine: str = "max"
     threshold: Any = None
     eval_unit: str = "sentence"  # what evaluation scores: generated sentences, or whole samples (code)
+    # Training units per combination of the tagged attributes' levels, {(level, ...): count}; set from the build.
+    level_counts: dict | None = None
 
     def __post_init__(self):
         unknown = [a for a in self.tagged if a not in self.attributes]
@@ -159,6 +161,22 @@ class Task:
         ranges = [range(len(self.attributes[name].tokens)) for name in self.tagged]
         combos += [dict(zip(self.tagged, lv)) for lv in itertools.product(*ranges)] if self.tagged else []
         return combos
+
+    def complete(self, combo: Mapping[str, int], n: int, rng: np.random.Generator) -> list[dict[str, int]]:
+        """n full combinations that agree with `combo`; the tagged attributes it leaves free are drawn from the
+        training corpus's joint distribution of levels given the ones it fixes (i.e. marginalised over)."""
+        if all(name in combo for name in self.tagged):
+            return [dict(combo)] * n
+        if not self.level_counts:
+            raise ValueError(f"task '{self.name}': no level counts from the dataset build to draw the missing "
+                             "control tokens from; rebuild the dataset, or evaluate with eval.missing=untagged")
+        options = [(levels, count) for levels, count in self.level_counts.items()
+                   if all(levels[i] == combo[name] for i, name in enumerate(self.tagged) if name in combo)]
+        if not options:
+            raise ValueError(f"task '{self.name}': no training sentence has levels {dict(combo)} to condition on")
+        counts = np.array([count for _, count in options], dtype=float)
+        picks = rng.choice(len(options), size=n, p=counts / counts.sum())
+        return [dict(zip(self.tagged, (int(level) for level in options[i][0]))) for i in picks]
 
     def combination_tokens(self, combo: Mapping[str, int]) -> list[str]:
         return [self.attributes[name].tokens[combo[name]] for name in self.tagged if name in combo]

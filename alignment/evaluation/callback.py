@@ -23,6 +23,7 @@ class AlignmentCurve(pl.Callback):
         with open_dict(self.cfg):
             self.cfg.num_samples = num_samples
             self.cfg.guidance_scales = [1.0]
+            self.cfg.combinations = eval_cfg.curve.get("combinations", "all")
             self.cfg.reference = None  # the KL from a reference model is for the final evaluation only
         self.last_step = -1
 
@@ -44,5 +45,6 @@ class AlignmentCurve(pl.Callback):
         metrics = {"curve/tokens_seen": float(pl_module.tokens_seen)}
         for row in result.rows:
             for key in ["joint/misaligned"] + [f"{a}/misaligned" for a in self.task.attributes]:
-                metrics[f"curve/{row['combination']}/{key}"] = row[key]
+                for suffix in ("", "_low", "_high"):  # the share and its 95% interval
+                    metrics[f"curve/{row['combination']}/{key}{suffix}"] = row.get(f"{key}{suffix}", float("nan"))
         trainer.logger.log_metrics({k: v for k, v in metrics.items() if v == v}, step=trainer.global_step)
