@@ -88,8 +88,9 @@ class LengthGroupedSampler(DistributedSampler):
         return iter(np.concatenate(batches).tolist() if batches else [])
 
 
-def collate(batch, pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad to the longest example; padded positions get label -100 (ignored by the loss)."""
+def collate(batch, pad_id: int, unlearned_ids: tuple[int, ...] = ()) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest example; padded positions, and tokens in `unlearned_ids` (control tokens when
+    they are inputs only), get label -100 (ignored by the loss)."""
     length = max(len(t) for t, _ in batch)
     input_ids = torch.full((len(batch), length), pad_id, dtype=torch.long)
     scores = torch.zeros((len(batch), length), dtype=torch.float32)
@@ -99,13 +100,17 @@ def collate(batch, pad_id: int) -> dict[str, torch.Tensor]:
         scores[row, : len(s)] = torch.from_numpy(s)
         attention_mask[row, : len(t)] = 1
     labels = input_ids.masked_fill(attention_mask == 0, -100)
+    if unlearned_ids:
+        labels = labels.masked_fill(torch.isin(input_ids, torch.tensor(unlearned_ids)), -100)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "scores": scores}
 
 
 class AlignmentDataModule(pl.LightningDataModule):
     def __init__(self, data: DictConfig, task: DictConfig, tagging: bool, filter_threshold, tokenizer: DictConfig,
-                 cache_dir: str, batch_size: int = 32, num_workers: int = 0, progress: bool = True):
+                 cache_dir: str, batch_size: int = 32, num_workers: int = 0, progress: bool = True,
+                 control_token_loss: bool = True, seed: int = 0):
         super().__init__()
+        self.control_token_loss, self.seed = control_token_loss, seed
         self.data_cfg, self.task_cfg, self.tokenizer_cfg = data, task, tokenizer
         self.tagging, self.filter_threshold = tagging, filter_threshold
         self.cache_dir, self.batch_size, self.num_workers, self.progress = Path(cache_dir), batch_size, num_workers, progress
@@ -151,14 +156,19 @@ class AlignmentDataModule(pl.LightningDataModule):
             return [json.loads(line) for line in f]
 
     def _loader(self, dataset, sampler=None) -> DataLoader:
+        # Without a loss on them, control tokens are pure inputs: the model learns p(text | tokens), not how
+        # often each token occurs (evaluation draws missing tokens from the corpus's counts instead).
+        unlearned = () if self.control_token_loss else \
+            tuple(self.tokenizer.convert_tokens_to_ids(self.meta["control_tokens"]))
         return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
-                          collate_fn=partial(collate, pad_id=self.tokenizer.pad_token_id), drop_last=sampler is not None)
+                          collate_fn=partial(collate, pad_id=self.tokenizer.pad_token_id, unlearned_ids=unlearned),
+                          drop_last=sampler is not None)
 
     def train_dataloader(self):
         lengths = np.minimum(np.diff(self.train_set.split.offsets), self.train_set.block_size) \
             if isinstance(self.train_set, SequenceDataset) else np.full(len(self.train_set), self.train_set.block_size)
         world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer is not None else (1, 0)
-        return self._loader(self.train_set, LengthGroupedSampler(lengths, self.batch_size, seed=int(self.data_cfg.seed),
+        return self._loader(self.train_set, LengthGroupedSampler(lengths, self.batch_size, seed=self.seed,
                                                                  num_replicas=world, rank=rank))
 
     def val_dataloader(self):
