@@ -78,7 +78,7 @@ def _sample_batch(model, prompts, uncond_prompts, first_index, rules, pad_id, ma
     # Only the last position's logits are needed; a 50k vocabulary over a whole prompt batch is costly.
     extra = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
     generated = [[] for _ in range(n)]
-    finished = [False] * n
+    alive = list(range(n))  # prompts still generating, in the order of the batch's (first-stream) rows
     cache = None
     for step in range(max_new_tokens):
         out = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
@@ -86,18 +86,24 @@ def _sample_batch(model, prompts, uncond_prompts, first_index, rules, pad_id, ma
         cache = out.past_key_values
         logprobs = out.logits[:, -1].float().log_softmax(-1)
         if uncond_prompts:
-            cond, uncond = logprobs[:n], logprobs[n:]
+            cond, uncond = logprobs[: len(alive)], logprobs[len(alive):]
             logprobs = uncond + rules.guidance_scale * (cond - uncond)
             # A token that both streams rule out (-inf - -inf = nan) stays ruled out.
             logprobs = logprobs.masked_fill(logprobs.isnan(), -torch.inf)
-        tokens = _draw(_allowed_scores(logprobs, generated, step, rules), generators, rules).tolist()
-        for row, token in enumerate(tokens):
-            if not finished[row]:
-                finished[row] = token == rules.eos_id
-                if not finished[row]:
-                    generated[row].append(token)
-        if all(finished):
+        rows = [generated[i] for i in alive]
+        tokens = _draw(_allowed_scores(logprobs, rows, step, rules), [generators[i] for i in alive], rules).tolist()
+        keep = [k for k, token in enumerate(tokens) if token != rules.eos_id]
+        for k in keep:
+            generated[alive[k]].append(tokens[k])
+        if not keep:
             break
+        if len(keep) < len(alive):
+            # Finished prompts leave the batch (and the cache), so the rest no longer pay for them; each prompt's
+            # own random stream makes its sample independent of who else is in the batch.
+            index = torch.tensor(keep + ([k + len(alive) for k in keep] if uncond_prompts else []), device=device)
+            cache.batch_select_indices(index)
+            mask, positions = mask[index], positions[index]
+            alive, tokens = [alive[k] for k in keep], [tokens[k] for k in keep]
         # Both streams append the same token; the cache already holds everything before it.
         ids = torch.tensor(tokens * (2 if uncond_prompts else 1), device=device)[:, None]
         positions = positions[:, -1:] + 1
