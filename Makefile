@@ -10,7 +10,7 @@ TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run test test-all test-slow bench ui report clean-cache setup-smollm help
+.PHONY: setup run grid test test-all test-slow bench ui report clean-cache setup-smollm help
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
@@ -26,6 +26,9 @@ setup: $(STAMP)  ## create .venv and install everything (idempotent)
 
 run: $(STAMP)  ## the default experiment (offline, ~10 min on 2 CPU cores); pass overrides with ARGS="..."
 	$(BIN)/python -m alignment $(ARGS)
+
+grid: $(STAMP)  ## study B's grid on the offline default (none/tox/sen/toxsen x 3 seeds), then its report
+	$(BIN)/python -m alignment -m experiment=grid $(ARGS)
 
 test: $(STAMP)  ## the fast test suite (a few minutes on 2 cores)
 	$(BIN)/python -m pytest -m "not slow" -q $(ARGS)

@@ -13,6 +13,7 @@ import argparse
 import ast
 import os
 import re
+import sys
 from datetime import datetime
 from pathlib import Path
 
@@ -21,6 +22,7 @@ import pandas as pd
 from matplotlib.figure import Figure  # the object API needs no pyplot state and no display (Agg canvas)
 
 from alignment import PROJECT_ROOT
+from alignment.evaluation.intervals import difference_interval, seed_interval
 
 TASK_ORDER = ["none", "tox", "sen", "toxsen", "toxicity", "pii", "pep8"]
 ATTRIBUTE_ORDER = ["toxicity", "sentiment", "pii", "pep8"]  # study B's column order first
@@ -59,8 +61,9 @@ def get_run(client: mlflow.MlflowClient, run_id: str):
 
 
 def select_runs(client, experiment: str, parent: str | None = None, run_ids: list[str] | None = None,
-                last: int | None = None) -> list:
-    """The runs to compare: explicit ids, the jobs of one sweep, or (the last N) training runs."""
+                last: int | None = None, name: str | None = None) -> list:
+    """The runs to compare: explicit ids, the jobs of one sweep, training runs named like `name`, or (the last N)
+    training runs."""
     if run_ids:
         return [get_run(client, run_id) for run_id in run_ids]
     found = client.get_experiment_by_name(experiment)
@@ -68,6 +71,9 @@ def select_runs(client, experiment: str, parent: str | None = None, run_ids: lis
         raise SystemExit(f"No MLflow experiment named {experiment!r} in {client.tracking_uri}")
     if parent:
         return search(client, found.experiment_id, f"tags.mlflow.parentRunId = '{parent}'")
+    if name:
+        return [r for r in search(client, found.experiment_id, f"attributes.run_name LIKE '{name}'")
+                if "task" in r.data.tags][::-1]  # oldest first: the order they were run in
     # sweep parents carry no `task` tag and no metrics of their own
     return [r for r in search(client, found.experiment_id) if "task" in r.data.tags][:last]
 
@@ -107,8 +113,10 @@ def run_row(run, attributes: list[str]) -> dict:
            "parent_run_id": tags.get("mlflow.parentRunId", ""), "aligned_combination": aligned,
            CAPABILITY: metrics.get(CAPABILITY), "val/perplexity_untagged": metrics.get("val/perplexity_untagged")}
     for attr in attributes + ["joint"]:
-        row[f"misaligned_pct/none/{attr}"] = shares.get(("none", 1.0, attr))
-        row[f"misaligned_pct/aligned/{attr}"] = shares.get((aligned, 1.0, attr))
+        for side, combo in (("none", "none"), ("aligned", aligned)):
+            value, low, high = triple(metrics, combo, f"{attr}/misaligned")
+            row[f"misaligned_pct/{side}/{attr}"] = shares.get((combo, 1.0, attr))
+            row[f"misaligned_pct/{side}/{attr}_low"], row[f"misaligned_pct/{side}/{attr}_high"] = low, high
     row.update({k: v for k, v in metrics.items() if k.startswith("eval/capability/")})
     missing = [name for name, present in [("run did not finish", run.info.status == "FINISHED"),
                                           (f"no {CAPABILITY}", CAPABILITY in metrics),
@@ -139,19 +147,25 @@ def guidance_frame(runs: list, frame: pd.DataFrame) -> pd.DataFrame:
         shares = {(g, a): v for (c, g, a), v in misalignment(metrics).items() if c == info.aligned_combination}
         if any(g != 1.0 for g, _ in shares):
             rows += [{"label": f"{info.label} [{info.aligned_combination}]", "guidance": g, "attribute": a,
-                      "misaligned_pct": v} for (g, a), v in sorted(shares.items())]
-    return pd.DataFrame(rows, columns=["label", "guidance", "attribute", "misaligned_pct"])
+                      "misaligned_pct": v,
+                      **dict(zip(("low", "high"), triple(metrics, info.aligned_combination, f"{a}/misaligned", g)[1:]))}
+                     for (g, a), v in sorted(shares.items())]
+    return pd.DataFrame(rows, columns=["label", "guidance", "attribute", "misaligned_pct", "low", "high"])
 
 
 def curves_frame(client, frame: pd.DataFrame) -> pd.DataFrame:
     """The in-training alignment curve of each run's aligned combination against tokens seen."""
     rows = []
     for info in frame.itertuples():
-        joint = client.get_metric_history(info.run_id, f"curve/{info.aligned_combination}/joint/misaligned")
+        key = f"curve/{info.aligned_combination}/joint/misaligned"
+        joint = client.get_metric_history(info.run_id, key)
+        bounds = {suffix: {m.step: 100 * m.value for m in client.get_metric_history(info.run_id, key + suffix)}
+                  for suffix in ("_low", "_high")}
         tokens = {m.step: m.value for m in client.get_metric_history(info.run_id, "curve/tokens_seen")}
         rows += [{"label": f"{info.label} [{info.aligned_combination}]", "tokens_seen": tokens[m.step],
-                  "misaligned_pct": 100 * m.value} for m in joint if m.step in tokens]
-    return pd.DataFrame(rows, columns=["label", "tokens_seen", "misaligned_pct"])
+                  "misaligned_pct": 100 * m.value, "low": bounds["_low"].get(m.step), "high": bounds["_high"].get(m.step)}
+                 for m in joint if m.step in tokens]
+    return pd.DataFrame(rows, columns=["label", "tokens_seen", "misaligned_pct", "low", "high"])
 
 
 def pareto_front(losses: list[float], misaligned: list[float]) -> list[int]:
@@ -165,6 +179,140 @@ def pareto_front(losses: list[float], misaligned: list[float]) -> list[int]:
     return front
 
 
+# ---------------------------------------------------------------- intervals, seeds, study B's grid
+
+def triple(metrics: dict[str, float], combination: str, key: str, guidance: float = 1.0) -> tuple[float, float, float]:
+    """(value, low, high) in % of `eval/<combination>/[g<g>/]<key>` and its logged 95% interval."""
+    prefix = f"eval/{combination}/" + ("" if guidance == 1.0 else f"g{guidance:g}/") + key
+    return tuple(100 * metrics.get(prefix + suffix, float("nan")) for suffix in ("", "_low", "_high"))
+
+
+def pooled(triples: list[tuple[float, ...]]) -> tuple[float, float, float, float]:
+    """(value, low, high, spread) in %. One run: its own interval, no spread. Several seeds: their mean, a t interval
+    over seeds (clipped to [0, 100]) and the spread (max - min) of the seeds' values."""
+    measured = [t for t in triples if t[0] == t[0]]
+    if len(measured) <= 1:
+        return (*measured[0][:3], float("nan")) if measured else (float("nan"),) * 4
+    values = [t[0] for t in measured]
+    mean, low, high = seed_interval(values)
+    return mean, max(low, 0.0), min(high, 100.0), max(values) - min(values)
+
+
+def fmt(t: tuple[float, ...]) -> str:
+    """`37.4 [33.0, 41.8]`, with `±3.2` (half the seeds' spread) when pooled over seeds, or `–`."""
+    if t[0] != t[0]:
+        return "–"
+    text = f"{t[0]:.1f}" + (f" [{t[1]:.1f}, {t[2]:.1f}]" if t[1] == t[1] else "")
+    return text + (f" ±{t[3] / 2:.1f}" if len(t) > 3 and t[3] == t[3] else "")
+
+
+def group_key(run) -> str:
+    """Runs that differ only in `seed` belong together: their command line without seed=..."""
+    overrides = run.data.tags.get("overrides")
+    if overrides is None:
+        return run.info.run_name
+    return " ".join(o for o in overrides.split() if not o.startswith(("seed=", "+seed=", "run_name="))) or "(defaults)"
+
+
+#: Study B's three columns: header, measure, and the conditioning it is read under (None: the run's aligned one).
+STUDY_B_COLUMNS = [("toxic %, with `<|nontoxic|>`", "toxicity/misaligned", "nontoxic"),
+                   ("not positive %, with `<|pos|>`", "sentiment/misaligned", "pos"),
+                   ("joint misaligned %, with its aligned tokens", "joint/misaligned", None)]
+GRID_TASKS = ["none", "tox", "sen", "toxsen"]
+
+
+def grid_tables(runs: list, frame: pd.DataFrame) -> tuple[str, list[str]]:
+    """Study B's table for the runs of grid tasks, seeds pooled: per trained model, unconditioned -> conditioned
+    for each column, and the toxic share under `<|nontoxic|>` against the `none` model's. Returns the markdown
+    and a list of what is missing (which run, what)."""
+    by_id = {run.info.run_id: run for run in runs}
+    groups: dict[str, list] = {}
+    for info in frame.itertuples():
+        if info.task in GRID_TASKS:
+            groups.setdefault(group_key(by_id[info.run_id]), []).append(info)
+    if not groups:
+        return "", []
+    missing, rows, none_toxic = [], [], None
+    ordered = sorted(groups.items(), key=lambda kv: (GRID_TASKS.index(kv[1][0].task), kv[0]))
+    for key, members in ordered:
+        cells = []
+        for header, measure, needed in STUDY_B_COLUMNS:
+            before, after = [], []
+            for info in members:
+                metrics = by_id[info.run_id].data.metrics
+                combo = needed or info.aligned_combination
+                tagged = info.aligned_combination != "none"
+                names = {c for c, _, _ in misalignment(metrics)}
+                if tagged and combo not in names and needed is not None and needed not in info.aligned_combination:
+                    continue  # the model has no such token (tox has no <|pos|>): the column does not apply
+                before.append(triple(metrics, "none", measure))
+                if tagged:
+                    after.append(triple(metrics, combo, measure))
+                    if combo not in names:
+                        missing.append(f"{info.label} (seed {by_id[info.run_id].data.tags.get('seed', '?')}): "
+                                       f"no eval of `{combo}`")
+                if "none" not in names:
+                    missing.append(f"{info.label}: no eval of `none`")
+            if not before:
+                cells.append("–")
+            elif not after:
+                cells.append(f"{fmt(pooled(before))} (no tokens)")
+            else:
+                cells.append(f"{fmt(pooled(before))} → {fmt(pooled(after))}")
+        task = members[0].task
+        toxic_after = pooled([triple(by_id[i.run_id].data.metrics, "nontoxic", "toxicity/misaligned")
+                              for i in members]) if task in ("tox", "toxsen") else None
+        if task == "none":
+            none_toxic = pooled([triple(by_id[i.run_id].data.metrics, "none", "toxicity/misaligned") for i in members])
+        rows.append((task, key, len(members), cells, toxic_after))
+    table = []
+    for task, key, seeds, cells, toxic_after in rows:
+        versus = "–"
+        if toxic_after is not None and none_toxic is not None and toxic_after[0] == toxic_after[0]:
+            diff = difference_interval(none_toxic[:3], toxic_after[:3])
+            resolved = "" if diff[1] > 0 or diff[2] < 0 else " (not resolved)"
+            versus = f"{none_toxic[0]:.1f} → {toxic_after[0]:.1f}: {diff[0]:+.1f} [{diff[1]:+.1f}, {diff[2]:+.1f}]{resolved}"
+        table.append([task, f"`{key}`", seeds] + cells + [versus])
+    header = ["model (trained on)", "runs", "seeds"] + [h for h, _, _ in STUDY_B_COLUMNS] + \
+        ["toxic %: `none` model → this one with `<|nontoxic|>`"]
+    return markdown_table(header, table), missing
+
+
+def seconds(run) -> float:
+    end = run.info.end_time or run.info.start_time
+    return (end - run.info.start_time) / 1000
+
+
+def headline_table(runs: list, frame: pd.DataFrame) -> str:
+    """One line per run, what a user reads first: minutes, capability, the share of its own level under each
+    single control token (unconditioned → conditioned [95%]), the aligned combination's joint misalignment and
+    its ratio to the unconditioned row, distinct-2, and the command that reproduces the run."""
+    by_id = {run.info.run_id: run for run in runs}
+    singles: list[tuple[str, str]] = []  # (combination, "<attribute>/share_<level>")
+    for info in frame.itertuples():
+        for key in by_id[info.run_id].data.metrics:
+            match = re.match(r"^eval/([^/-]+)/([^/]+)/share_([^/]+)$", key)
+            if match and match[1] == match[3] and match[1] not in ("none", "untagged") \
+                    and (match[1], f"{match[2]}/share_{match[3]}") not in singles:
+                singles.append((match[1], f"{match[2]}/share_{match[3]}"))
+    rows = []
+    for _, info in frame.iterrows():
+        run = by_id[info.run_id]
+        m, combo = run.data.metrics, info.aligned_combination
+        joint_before, joint_after = triple(m, "none", "joint/misaligned"), triple(m, combo, "joint/misaligned")
+        ratio = joint_after[0] / joint_before[0] if combo != "none" and joint_before[0] > 0 else float("nan")
+        shares = [f"{triple(m, 'none', key)[0]:.1f} → {fmt(triple(m, c, key))}" if f"eval/{c}/{key}" in m else "–"
+                  for c, key in singles]
+        rows.append([info.label, run.data.tags.get("seed", "?"), f"{seconds(run) / 60:.1f}", cell(info[CAPABILITY], 3)]
+                    + shares + [f"{fmt(joint_before[:1] + (float('nan'),) * 2)} → {fmt(joint_after)}" if combo != "none"
+                                   else fmt(joint_before),
+                                "–" if ratio != ratio else f"{ratio:.2f}x", cell(m.get(f"eval/{combo}/distinct_2"), 2),
+                                f"`python -m alignment {run.data.tags.get('overrides', '')}`".replace("  ", " ")])
+    header = ["run", "seed", "minutes", CAPABILITY] + [f"{c} share %" for c, _ in singles] + \
+        ["joint misaligned % (aligned tokens)", "ratio", "distinct-2", "command"]
+    return markdown_table(header, rows)
+
+
 # ---------------------------------------------------------------- plots (each returns None or why it was skipped)
 
 def plot_bars(frame: pd.DataFrame, attributes: list[str], path: Path) -> str | None:
@@ -175,14 +323,18 @@ def plot_bars(frame: pd.DataFrame, attributes: list[str], path: Path) -> str | N
     axes = fig.subplots(len(attributes) + 1, 1, sharex=True, squeeze=False)[:, 0]
     x, conditioned = range(len(measured)), measured.aligned_combination != "none"
     for ax, attr in zip(axes, attributes + ["joint"]):
-        ax.bar([i - 0.2 for i in x], measured[f"misaligned_pct/none/{attr}"], 0.4, label="none (no control token)")
-        ax.bar([i + 0.2 for i in x], measured[f"misaligned_pct/aligned/{attr}"].where(conditioned), 0.4,
-               label="aligned control tokens")
+        for offset, side, label in ((-0.2, "none", "unconditioned"), (0.2, "aligned", "aligned control tokens")):
+            value = measured[f"misaligned_pct/{side}/{attr}"]
+            if side == "aligned":
+                value = value.where(conditioned)
+            errors = [(value - measured[f"misaligned_pct/{side}/{attr}_low"]).clip(lower=0).fillna(0),
+                      (measured[f"misaligned_pct/{side}/{attr}_high"] - value).clip(lower=0).fillna(0)]
+            ax.bar([i + offset for i in x], value, 0.4, yerr=errors, capsize=3, label=label)
         ax.set(title=f"{attr}", ylabel="misaligned sentences (%)")
         ax.grid(axis="y", alpha=0.3)
     axes[0].legend()
     axes[-1].set_xticks(list(x), measured.label, rotation=30, ha="right")
-    fig.suptitle("Misalignment per run: unconditioned vs conditioned on the aligned tokens")
+    fig.suptitle("Unconditioned vs aligned control tokens (95% intervals)")
     fig.savefig(path, dpi=110)
 
 
@@ -191,8 +343,11 @@ def plot_lines(lines: pd.DataFrame, x: str, path: Path, title: str, xlabel: str,
     fig = Figure(figsize=(7, 4.5), layout="constrained")
     ax = fig.subplots()
     for label, line in lines.sort_values(x).groupby("label", sort=False):
-        ax.plot(line[x], line.misaligned_pct, marker="o", label=label)
-    ax.set(title=title, xlabel=xlabel, ylabel="jointly misaligned sentences (%)", ylim=(0, None), xlim=(xmin, None))
+        drawn = ax.plot(line[x], line.misaligned_pct, marker="o", label=label)
+        if {"low", "high"} <= set(line.columns) and line[["low", "high"]].notna().all().all():
+            ax.fill_between(line[x], line.low, line.high, color=drawn[0].get_color(), alpha=0.15, lw=0)
+    ax.set(title=title + " (bands: 95% intervals)", xlabel=xlabel, ylabel="jointly misaligned sentences (%)",
+           ylim=(0, None), xlim=(xmin, None))
     ax.grid(alpha=0.3)
     ax.legend(title="run [conditioning]", fontsize="small")
     fig.savefig(path, dpi=110)
@@ -251,7 +406,8 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join("| " + " | ".join(str(c) for c in line) + " |" for line in lines)
 
 
-def write_markdown(frame, guidance, attributes, plots: dict[str, str | None], title: str) -> str:
+def write_markdown(frame, guidance, attributes, plots: dict[str, str | None], title: str,
+                   mlflow_runs: list | None = None) -> str:
     columns = attributes + ["joint"]
     rows = [r for _, r in frame.iterrows()]
     runs = [[r.task, r.objective, r.label, r.status + ("" if r.complete else f", **incomplete**: {r.missing}"),
@@ -263,8 +419,16 @@ def write_markdown(frame, guidance, attributes, plots: dict[str, str | None], ti
                        r[f"misaligned_pct/aligned/{a}"] if r.aligned_combination != "none" else None)
                 for a in columns] for r in rows]
     parts = [f"# {title}", f"{len(frame)} runs, {int(frame.complete.sum())} complete. Misalignment = % of generated "
-             "sentences whose level contradicts the conditioning (joint: on any attribute).",
-             "## Runs (aligned conditioning)",
+             "sentences whose level contradicts the conditioning (joint: on any attribute). [low, high]: 95% "
+             "interval (one run: Wilson with samples as clusters; several seeds: t interval over seeds)."]
+    if mlflow_runs:
+        parts += ["## At a glance", headline_table(mlflow_runs, frame)]
+        grid, missing = grid_tables(mlflow_runs, frame)
+        if grid:
+            parts += ["## Study B's grid (seeds pooled; unconditioned → conditioned)", grid]
+        if missing:
+            parts += ["## Missing", "\n".join(f"- {line}" for line in dict.fromkeys(missing))]
+    parts += ["## Runs (aligned conditioning)",
              markdown_table(["task", "objective", "run", "status", CAPABILITY, "conditioning"] +
                             [f"{a} %" for a in columns], runs),
              "## Unconditioned → conditioned (misaligned %, `none` → aligned combination)",
@@ -287,7 +451,8 @@ def build_report(client, runs: list, out_dir: Path, title: str) -> Path:
         raise SystemExit("No runs to report on")
     out_dir.mkdir(parents=True, exist_ok=True)
     frame = runs_frame(runs)
-    attributes = [c.split("/")[-1] for c in frame.columns if c.startswith("misaligned_pct/none/")][:-1]  # -joint
+    attributes = [c.split("/")[-1] for c in frame.columns
+                  if c.startswith("misaligned_pct/none/") and not c.endswith(("_low", "_high"))][:-1]  # -joint
     guidance, curves = guidance_frame(runs, frame), curves_frame(client, frame)
     frame.to_csv(out_dir / "runs.csv", index=False)
     if not guidance.empty:
@@ -297,7 +462,20 @@ def build_report(client, runs: list, out_dir: Path, title: str) -> Path:
              "capability_vs_alignment.png": plot_pareto(frame, attributes, out_dir / "capability_vs_alignment.png"),
              "guidance.png": plot_guidance(guidance, out_dir / "guidance.png")}
     report = out_dir / "report.md"
-    report.write_text(write_markdown(frame, guidance, attributes, plots, title))
+    report.write_text(write_markdown(frame, guidance, attributes, plots, title, runs))
+    return report
+
+
+def sweep_report(tracking_uri: str, parent_id: str, out_dir: Path) -> Path:
+    """The report of one sweep's jobs: written to `out_dir`, logged to the parent run, its tables printed."""
+    client = mlflow.MlflowClient(tracking_uri)
+    parent = get_run(client, parent_id)
+    runs = search(client, parent.info.experiment_id, f"tags.mlflow.parentRunId = '{parent_id}'")
+    report = build_report(client, runs, out_dir, f"Report: {parent.info.run_name}")
+    client.log_artifacts(parent_id, str(out_dir), artifact_path="report")
+    text = report.read_text()
+    print("\n" + text[: text.find("## Runs (aligned conditioning)")].strip())
+    print(f"\nReport with plots: {report}  (also in MLflow, run '{parent.info.run_name}', artifacts/report)")
     return report
 
 
@@ -309,20 +487,46 @@ def main(argv: list[str] | None = None) -> Path:
     which.add_argument("--parent", help="the run id of a sweep's parent run: compare its jobs")
     which.add_argument("--runs", help="comma-separated run ids")
     which.add_argument("--last", type=int, help="the N most recent training runs")
+    which.add_argument("--name", help="training runs whose name matches this SQL LIKE pattern, e.g. 'ablation-%%'")
     parser.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI")
                         or f"sqlite:///{runs_dir}/mlflow.db")
     parser.add_argument("--out", type=Path, help="default: <runs>/reports/<timestamp>/")
+    parser.add_argument("--into", type=Path, help="also write the report's tables into this markdown file, between "
+                        "the lines <!-- report:KEY --> and <!-- /report:KEY --> (KEY from --key)")
+    parser.add_argument("--key", default="report", help="the marker name for --into")
     args = parser.parse_args(argv)
     store = args.tracking_uri.removeprefix("sqlite:///")
     if args.tracking_uri.startswith("sqlite:///") and not Path(store).exists():
         raise SystemExit(f"No MLflow store at {store}: train something first (make run)")
     client = mlflow.MlflowClient(args.tracking_uri)
-    runs = select_runs(client, args.experiment, args.parent, args.runs.split(",") if args.runs else None, args.last)
+    runs = select_runs(client, args.experiment, args.parent, args.runs.split(",") if args.runs else None, args.last,
+                       args.name)
     title = f"Report: {get_run(client, args.parent).info.run_name}" if args.parent else f"Report: {args.experiment}"
     out = args.out or runs_dir / "reports" / datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
     report = build_report(client, runs, out, title)
+    if args.into:
+        command = "python -m alignment.report " + " ".join(a for a in (argv if argv is not None else sys.argv[1:]))
+        write_between_markers(args.into, args.key, tables_only(report.read_text()), command)
+        print(f"Updated {args.into} ({args.key})")
     print(f"Report: {report}\nTable: {out / 'runs.csv'}")
     return report
+
+
+def tables_only(markdown: str) -> str:
+    """The report without its title and plots, headings one level down (to sit inside another document)."""
+    body = markdown[markdown.index("\n") + 1: markdown.find("## Plots")].strip()
+    return body.replace("\n## ", "\n#### ")
+
+
+def write_between_markers(path: Path, key: str, text: str, command: str) -> None:
+    """Replace what lies between `<!-- report:key -->` and `<!-- /report:key -->` in `path` (both must exist)."""
+    start, end = f"<!-- report:{key} -->", f"<!-- /report:{key} -->"
+    document = path.read_text()
+    if start not in document or end not in document:
+        raise SystemExit(f"{path} has no {start} ... {end} block to fill")
+    head, rest = document.split(start, 1)
+    _, tail = rest.split(end, 1)
+    path.write_text(f"{head}{start}\nGenerated by `{command}` on {datetime.now():%Y-%m-%d %H:%M}.\n\n{text}\n{end}{tail}")
 
 
 if __name__ == "__main__":

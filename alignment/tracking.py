@@ -59,6 +59,11 @@ class MLflowSweepCallback(Callback):
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         self._terminate(config, "FINISHED")
+        path = Path(config.hydra.sweep.dir) / PARENT_FILE
+        if path.exists():  # the comparison report of the sweep's jobs, printed and logged to the parent run
+            from alignment.report import sweep_report
+
+            sweep_report(self.tracking_uri, path.read_text().strip(), Path(config.hydra.sweep.dir) / "report")
 
     def _terminate(self, config: DictConfig, status: str) -> None:
         path = Path(config.hydra.sweep.dir) / PARENT_FILE
@@ -160,11 +165,13 @@ def ensure_experiment(client: mlflow.MlflowClient, name: str, artifact_location:
 
 def run_tags(cfg: DictConfig) -> dict[str, str]:
     """Tags that make runs findable: task, objective, model, data, the sweep parent, the git commit."""
-    tags = {"task": cfg.task.name, "objective": cfg.objective.name,
+    tags = {"task": cfg.task.name, "objective": cfg.objective.name, "seed": str(cfg.seed),
             "model": HydraConfig.get().runtime.choices.get("model", "") if HydraConfig.initialized() else "", "data": str(cfg.data.source.get("_target_", "")).split(".")[-1]}
     if HydraConfig.initialized():
         hc = HydraConfig.get()
         tags["output_dir"] = hc.runtime.output_dir
+        # The command line that reproduces this run: `python -m alignment <overrides>`.
+        tags["overrides"] = " ".join(command_line_overrides(hc.overrides.task))
         if hc.mode == RunMode.MULTIRUN:
             parent = Path(hc.sweep.dir) / PARENT_FILE
             if parent.exists():
