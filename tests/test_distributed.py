@@ -23,7 +23,7 @@ import torch
 from alignment import PROJECT_ROOT
 from tests.conftest import TINY
 
-EVAL_HEADER = "Misalignment (% of generated sentences contradicting the conditioning)"
+EVAL_HEADER = "Misaligned % of generated sentences"
 # The probe writes one file per rank into the job's own output folder.
 PROBE = ["+callbacks.probe._target_=tests.test_distributed.TrainingProbe",
          "+callbacks.probe.out_dir=${hydra:runtime.output_dir}/probe"]
@@ -143,8 +143,9 @@ def test_ddp_jobs_in_a_sweep_awr_value_head(tmp_path, cache_dir):
 
     assert sorted(p.name for p in runs.iterdir()) == ["mlartifacts", "mlflow.db", "multi"]  # no runs/single
     (sweep_dir,) = (runs / "multi").glob("*/*")
-    jobs = sorted(p.name for p in sweep_dir.iterdir() if p.is_dir())
+    jobs = sorted(p.name for p in sweep_dir.iterdir() if p.is_dir() and p.name != "report")
     assert jobs == ["0_toxicity-awr", "1_toxicity-rwr"]
+    assert (sweep_dir / "report" / "report.md").exists()  # the sweep's comparison report, written once
 
     # One parent (this sweep's), two children; nothing from the rank-1 processes.
     mlruns = all_runs(f"sqlite:///{runs}/mlflow.db")

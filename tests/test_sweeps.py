@@ -82,7 +82,8 @@ def check_sweep(runs: Path, tracking_uri: str) -> tuple[Path, mlflow.entities.Ru
     """The sweep left one folder with a job folder each, a FINISHED parent run and two FINISHED children
     tagged with its id, named as the jobs. Returns the sweep folder, the parent and the children by name."""
     (sweep_dir,) = (runs / "multi").glob("*/*")
-    assert sorted(p.name for p in sweep_dir.iterdir() if p.is_dir()) == ["0_tox-conditional", "1_none-conditional"]
+    folders = sorted(p.name for p in sweep_dir.iterdir() if p.is_dir())
+    assert folders == ["0_tox-conditional", "1_none-conditional", "report"]  # report: the sweep's comparison
     assert not (runs / "single").exists()
 
     client = mlflow.MlflowClient(tracking_uri)
