@@ -16,7 +16,7 @@ def toxsen(runs_dir, tmp_path) -> Task:
 
 def test_levels_follow_thresholds_inclusively(toxsen):
     tox, sen = toxsen.attributes["toxicity"], toxsen.attributes["sentiment"]
-    assert tox.levels(np.array([0.1, 0.5, 0.51])).tolist() == [0, 0, 1]           # score <= 0.5 -> nontoxic
+    assert tox.levels(np.array([0.1, 0.2, 0.21])).tolist() == [0, 0, 1]           # score <= 0.2 -> nontoxic
     assert sen.levels(np.array([-0.5, -0.05, 0.0, 0.05, 0.3])).tolist() == [0, 0, 1, 1, 2]
     assert (tox.aligned_level, sen.aligned_level) == (0, 2)
     assert sen.level_names == ["neg", "neu", "pos"]
