@@ -76,7 +76,7 @@ class AlignmentModule(pl.LightningModule):
                 self.log(name.replace("loss", "perplexity"), ppl, sync_dist=True)
 
     def configure_optimizers(self):
-        # No weight decay on biases, LayerNorm weights and embeddings-as-norms: the usual GPT recipe.
+        # No weight decay on biases and LayerNorm weights (the 1-D parameters); embeddings decay: nanoGPT's recipe.
         decay, no_decay = [], []
         for name, p in self.named_parameters():
             if p.requires_grad:
