@@ -115,7 +115,7 @@ def test_markdown_has_the_run_table_the_study_b_table_and_the_guidance_table(swe
     assert ("| toxsen | conditional | toxsen-conditional | FINISHED | 4.200 | nontoxic-pos | 10.0 | 25.0 | 30.0 |"
             in text)
     assert "| toxsen | conditional | nontoxic-pos | 30.0 → 10.0 | 50.0 → 25.0 | 60.0 → 30.0 |" in text
-    assert "| toxsen | mle | none | 40.0 → – | 55.0 → – | 70.0 → – |"
+    assert "| toxsen | mle | none | 40.0 → – | 55.0 → – | 70.0 → – |" in text
     assert "| toxicity | conditional | aligned | 10.0 → 2.0 | – | 10.0 → 2.0 |" in text
     assert "| run | g=1 | g=2 | g=3 |" in text and "| toxsen-conditional [nontoxic-pos] | 30.0 | 20.0 | 12.5 |" in text
     guidance = pd.read_csv(sweep_report[0].parent / "guidance.csv")
