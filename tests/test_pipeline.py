@@ -8,12 +8,14 @@ import math
 import mlflow
 import numpy as np
 import pytest
+import pytorch_lightning as pl
 import torch
 from hydra.utils import instantiate
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from alignment.data.build import Split
 from alignment.train import run
+from tests.conftest import TINY, compose_config
 
 
 def _mlflow_run(cfg):
@@ -125,3 +127,47 @@ def test_study_a_code_and_pii_tasks_run(tiny_config, task, data):
     cfg = tiny_config(f"task={task}", data, "data.source.limit=60", "save_model=false", "eval.num_samples=2")
     results = run(cfg)
     assert f"eval/aligned/{task}/misaligned" in results and f"eval/misaligned/{task}/misaligned" in results
+
+
+class LogitsDtype(pl.Callback):
+    """Records the dtype of the LM's logits in every training forward pass (bf16 under bf16-mixed autocast)."""
+
+    seen: set = set()
+
+    def on_fit_start(self, trainer, pl_module):
+        pl_module.model.register_forward_hook(lambda module, args, out: LogitsDtype.seen.add(out.logits.dtype)
+                                              if module.training else None)
+
+
+@pytest.mark.slow
+def test_the_shipped_trainer_defaults_run(runs_dir, tmp_path):
+    """bf16-mixed, ModelCheckpoint on val/loss and LearningRateMonitor, as `python -m alignment` ships them."""
+    shipped = [o for o in TINY if not o.startswith(("trainer.precision=", "callbacks="))]
+    cfg = compose_config(shipped + ["task=tox", "save_model=false", "eval.num_samples=2", "trainer.max_steps=8",
+                                    "trainer.val_check_interval=4", "+callbacks.probe._target_=" + __name__
+                                    + ".LogitsDtype"], tmp_path / "out")
+    assert cfg.trainer.precision == "bf16-mixed" and list(cfg.callbacks) == ["checkpoint", "lr_monitor", "probe"]
+    LogitsDtype.seen = set()
+    run(cfg)
+    assert LogitsDtype.seen == {torch.bfloat16}
+
+    client, mlrun = _mlflow_run(cfg)
+    history = lambda key: [(m.step, m.value) for m in client.get_metric_history(mlrun.info.run_id, key)]
+    # The learning rate of both parameter groups, step by step: warmup capped at 1 step (8 // 10 -> 1), then cosine
+    # from 1e-3 to 0 over the 7 other steps.
+    expected = [1e-3] + [1e-3 * 0.5 * (1 + math.cos(math.pi * (s - 1) / 7)) for s in range(1, 8)]
+    for group in ("pg1", "pg2"):
+        points = history(f"lr-AdamW/{group}")
+        assert [step for step, _ in points] == list(range(8))
+        assert [lr for _, lr in points] == pytest.approx(expected)
+    # The checkpoint keeps the step with the lower val/loss, and the last one.
+    losses = history("val/loss")
+    assert [step for step, _ in losses] == [3, 7]  # after 4 and 8 optimizer steps (Lightning counts from 0 here)
+    best_step, best_loss = min(losses, key=lambda point: point[1])
+    folder = tmp_path / "out" / "checkpoints"
+    (best,) = [p for p in folder.glob("step*.ckpt")]
+    checkpoint = torch.load(best, map_location="cpu", weights_only=False)
+    state = next(v for k, v in checkpoint["callbacks"].items() if k.startswith("ModelCheckpoint"))
+    assert float(state["best_model_score"]) == pytest.approx(best_loss)
+    assert best.name == f"step{best_step + 1}.ckpt" == f"step{checkpoint['global_step']}.ckpt"
+    assert torch.load(folder / "last.ckpt", map_location="cpu", weights_only=False)["global_step"] == 8
