@@ -34,7 +34,7 @@ TINY = [
 ]
 
 
-SLOW_TEST_TIMEOUT = 1200  # seconds; a slow test (DDP, sweeps, a 300-step run) takes up to ~4 min on 2 busy cores
+SLOW_TEST_TIMEOUT = 2400  # seconds; a slow test (DDP, sweeps, a 300-step run) takes up to ~4 min on 2 cores
 
 
 def pytest_collection_modifyitems(config, items):
