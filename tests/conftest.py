@@ -34,6 +34,16 @@ TINY = [
 ]
 
 
+SLOW_TEST_TIMEOUT = 2400  # seconds; a slow test (DDP, sweeps, a 300-step run) takes up to ~4 min on 2 cores
+
+
+def pytest_collection_modifyitems(config, items):
+    """Slow tests get a longer timeout than pyproject's per-test `timeout`, unless they set their own."""
+    for item in items:
+        if item.get_closest_marker("slow") and not item.get_closest_marker("timeout"):
+            item.add_marker(pytest.mark.timeout(SLOW_TEST_TIMEOUT))
+
+
 @pytest.fixture(scope="session")
 def runs_dir(tmp_path_factory) -> Path:
     """One runs/ folder per test session, so the score cache is shared between tests."""

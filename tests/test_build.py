@@ -8,21 +8,31 @@ import numpy as np
 import pytest
 from hydra.utils import instantiate
 
-from alignment.data.build import Split
+from alignment.data.build import Split, _document_levels
 from alignment.data.sentences import split_sentences
 from alignment.data.tagging import Task
 from tests.conftest import compose_config
 
-POSITIVE = ["I love this wonderful sunny day.", "What a great and happy morning it is.",
-            "Thank you so much for the lovely gift."]
-NEGATIVE = ["This is a terrible and awful mess.", "I hate waiting in this horrible queue.",
-            "The food was disgusting and the service was bad."]
-TOXIC = ["You are a stupid worthless idiot.", "Shut up you pathetic moron."]
+# Known sentences and the tags their scores give (BiLSTM toxic above 0.2; VADER compound below -0.05 negative,
+# above 0.05 positive), written out so that a moved threshold or a swapped token fails: every level occurs.
+KNOWN = {
+    "I love this wonderful sunny day.": ("<|nontoxic|>", "<|pos|>"),                # 0.010, +0.908
+    "Thank you so much for the lovely gift.": ("<|nontoxic|>", "<|pos|>"),          # 0.005, +0.848
+    "The train leaves the station at nine.": ("<|nontoxic|>", "<|neu|>"),           # 0.012, 0
+    "The meeting is on the third floor.": ("<|nontoxic|>", "<|neu|>"),              # 0.018, 0
+    "The rain ruined our picnic today.": ("<|nontoxic|>", "<|neg|>"),               # 0.019, -0.477
+    "Sadly the shop was closed again.": ("<|nontoxic|>", "<|neg|>"),                # 0.013, -0.421
+    "This is a terrible and awful mess.": ("<|toxic|>", "<|neg|>"),                 # 0.487, -0.823
+    "The food was disgusting and the service was bad.": ("<|toxic|>", "<|neg|>"),   # 0.527, -0.784
+    "You are a stupid worthless idiot.": ("<|toxic|>", "<|neg|>"),                  # 0.996, -0.863
+    "You are a wonderful and lovely idiot.": ("<|toxic|>", "<|pos|>"),              # 0.982, +0.637
+}
+DOC_MARK = ("<|nontoxic|>", "<|neu|>")  # "(doc 7 here now)": BiLSTM 0.03-0.07, VADER 0
 
 
 def write_corpus(folder, n_docs=40):
-    """Documents of two sentences each, drawn from the lists above (deterministic)."""
-    pool = POSITIVE + NEGATIVE + TOXIC
+    """Documents of two known sentences each and a numbered third one (deterministic)."""
+    pool = list(KNOWN)
     lines = []
     for i in range(n_docs):
         a, b = pool[i % len(pool)], pool[(3 * i + 1) % len(pool)]
@@ -45,24 +55,71 @@ def datamodule(tmp_path, *extra):
 def test_sentence_layout_exact_tokens_and_scores(runs_dir, tmp_path):
     cfg, dm = datamodule(tmp_path)
     tok, meta = dm.tokenizer, dm.meta
+    assert meta["thresholds"] == {"toxicity": [0.2], "sentiment": [-0.05, 0.05]}
     task = Task.from_config(cfg.task)
-    for name, thresholds in meta["thresholds"].items():
-        task.attributes[name].thresholds = thresholds
-    train = Split.load(dm.folder, "train")
-    assert len(train) == meta["stats"]["train_examples"] > 0
+    seen = set()
     eos = tok.eos_token_id
-    for i in range(len(train)):
-        ids = train.tokens[train.offsets[i]:train.offsets[i + 1]].tolist()
-        scores = train.scores[train.offsets[i]:train.offsets[i + 1]]
-        assert ids[0] == eos and ids[-1] == eos
-        # Recompute this example from its text with the real scorers: EOS, tags in task order, text, EOS.
-        text = tok.decode(ids[3:-1])
-        levels = {n: int(a.levels(a.scorer.score([text]))[0]) for n, a in task.attributes.items()}
-        expected_tags = [task.attributes["toxicity"].tokens[levels["toxicity"]],
-                         task.attributes["sentiment"].tokens[levels["sentiment"]]]
-        assert ids == [eos] + tok.convert_tokens_to_ids(expected_tags) + tok(text, add_special_tokens=False)["input_ids"] + [eos]
-        raw = {n: a.scorer.score([text]) for n, a in task.attributes.items()}
-        assert np.allclose(scores, task.combined_misalignment(raw)[0], atol=1e-6)  # every token carries its sentence's score
+    for name in ("train", "val"):
+        split = Split.load(dm.folder, name)
+        assert len(split) == meta["stats"][f"{name}_examples"] > 0
+        for i in range(len(split)):
+            ids = split.tokens[split.offsets[i]:split.offsets[i + 1]].tolist()
+            scores = split.scores[split.offsets[i]:split.offsets[i + 1]]
+            # EOS, the two tags written out above (toxicity first), the text, EOS.
+            text = tok.decode(ids[3:-1])
+            tags = KNOWN[text] if text in KNOWN else DOC_MARK if text.startswith("(doc ") else None
+            assert tags is not None, text
+            seen.add(text)
+            body = tok(text, add_special_tokens=False)["input_ids"]
+            assert ids == [eos] + tok.convert_tokens_to_ids(list(tags)) + body + [eos]
+            raw = {n: a.scorer.score([text]) for n, a in task.attributes.items()}
+            assert np.allclose(scores, task.combined_misalignment(raw)[0], atol=1e-6)  # each token: its sentence
+    assert set(KNOWN) <= seen
+
+
+def test_document_placement_tags_a_document_by_its_mean_scores(runs_dir, tmp_path):
+    """One prefix per document, from the mean of its sentences' scores, not from any one sentence."""
+    documents = {
+        # toxicity mean 0.174 (one sentence at 0.982), sentiment mean +0.319
+        "You are a wonderful and lovely idiot. The train leaves the station at nine. The meeting is on the third "
+        "floor. Thank you so much for the lovely gift. I love this wonderful sunny day. The rain ruined our picnic "
+        "today.": ("<|nontoxic|>", "<|pos|>"),
+        # toxicity mean 0.50, sentiment mean (0.848 - 0.863) / 2 = -0.008: neutral though neither sentence is
+        "Thank you so much for the lovely gift. You are a stupid worthless idiot.": ("<|toxic|>", "<|neu|>"),
+        "The train leaves the station at nine. The meeting is on the third floor.": ("<|nontoxic|>", "<|neu|>"),
+        "This is a terrible and awful mess. Sadly the shop was closed again.": ("<|toxic|>", "<|neg|>"),  # 0.25
+        "The rain ruined our picnic today. Sadly the shop was closed again.": ("<|nontoxic|>", "<|neg|>"),
+    }
+    corpus = tmp_path / "documents.jsonl"
+    corpus.write_text("".join(json.dumps({"text": text}) + "\n" for text in documents))
+    cfg = compose_config(["data=files", f"data.source.paths={corpus}", "data.sentences.dedupe=false",
+                          "data.layout=document", "task.placement=document", "model.tokenizer.kind=gpt2_offline",
+                          "task.untagged_fraction=0", "datamodule.progress=false"], tmp_path / "out")
+    dm = instantiate(cfg.datamodule)
+    dm.prepare_data()
+    tok, eos = dm.tokenizer, dm.tokenizer.eos_token_id
+    found = {}
+    for name in ("train", "val"):
+        split = Split.load(dm.folder, name)
+        for i in range(len(split)):
+            ids = split.tokens[split.offsets[i]:split.offsets[i + 1]].tolist()
+            assert ids[0] == eos and ids[-1] == eos
+            found[tok.decode(ids[3:-1])] = tuple(tok.convert_ids_to_tokens(ids[1:3]))
+    assert found == documents
+    # Untagged documents carry no control token at all.
+    untagged = Split.load(dm.folder, "val_untagged")
+    assert not np.isin(untagged.tokens, tok.convert_tokens_to_ids(dm.meta["control_tokens"])).any()
+
+
+def test_document_levels_are_the_levels_of_the_mean_score(runs_dir, tmp_path):
+    task = Task.from_config(compose_config(["task=toxsen"], tmp_path / "out").task)
+    # documents 0 and 1 hold two sentences each, document 2 one, document 3 none
+    doc_of = np.array([0, 0, 1, 1, 2])
+    scores = {"toxicity": np.array([0.1, 0.25, 0.0, 0.5, 0.9]), "sentiment": np.array([0.9, -0.9, 0.5, 0.3, -0.5])}
+    levels = _document_levels(task, scores, doc_of, 4)
+    # toxicity means 0.175, 0.25, 0.9, 0 against 0.2; sentiment means 0, 0.4, -0.5, 0 against -0.05 / 0.05
+    assert levels["toxicity"].tolist() == [0, 1, 1, 0]
+    assert levels["sentiment"].tolist() == [1, 2, 0, 1]
 
 
 def test_untagged_objective_has_no_control_tokens(runs_dir, tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import mlflow
 import pytest
 
 from alignment.train import run
@@ -35,5 +36,12 @@ def test_control_token_decides_sentiment(tiny_config, tmp_path):
     # ...so measured against the aligned level (positive), <|neg|> is ~100% misaligned.
     assert results["eval/pos/sentiment/share_pos"] >= 0.9
     assert results["eval/neg/sentiment/share_pos"] <= 0.1
-    # The curve was logged during training (every 100 steps and at the end).
     assert results["eval/pos/samples"] == 40
+    # The alignment curve was logged during training, every 100 steps (the last one is also the end).
+    client = mlflow.MlflowClient(cfg.logger.tracking_uri)
+    run_id = (tmp_path / "out" / "mlflow_run_id").read_text()
+    history = lambda key: [(m.step, m.value) for m in client.get_metric_history(run_id, key)]
+    assert [step for step, _ in history("curve/pos/sentiment/misaligned")] == [100, 200, 300]
+    tokens = [value for _, value in history("curve/tokens_seen")]
+    assert len(tokens) == 3 and 0 < tokens[0] < tokens[1] < tokens[2]
+    assert tokens[2] == pytest.approx(3 * tokens[0], rel=0.2)  # batches of similar sentences: ~equal tokens per step

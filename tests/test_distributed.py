@@ -55,9 +55,11 @@ class TrainingProbe(pl.Callback):
         (self.out_dir / f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
 
 
-def run_alignment(args: list[str], runs_dir: Path, timeout: float, tracking_uri: str | None = None) -> str:
+def run_alignment(args: list[str], runs_dir: Path, timeout: float, tracking_uri: str | None = None,
+                  succeed: bool = True) -> str:
     """`python -m alignment <args>` with its outputs in runs_dir; returns stdout + stderr (both ranks').
-    Fails the test on a non-zero exit or after `timeout` seconds (killing rank 1 too)."""
+    Fails the test on a non-zero exit (on a zero one with succeed=False) or after `timeout` seconds (killing
+    rank 1 too)."""
     env = {**os.environ, "ALIGNMENT_RUNS_DIR": str(runs_dir), "HYDRA_FULL_ERROR": "1"}
     env.pop("MLFLOW_TRACKING_URI", None)
     if tracking_uri:
@@ -71,7 +73,7 @@ def run_alignment(args: list[str], runs_dir: Path, timeout: float, tracking_uri:
         os.killpg(proc.pid, signal.SIGKILL)  # the session holds rank 0 and the rank-1 process it started
         output, _ = proc.communicate()
         pytest.fail(f"python -m alignment timed out after {timeout} s (a DDP hang?):\n{output[-4000:]}")
-    assert proc.returncode == 0, f"exit code {proc.returncode}:\n{output[-4000:]}"
+    assert (proc.returncode == 0) == succeed, f"exit code {proc.returncode}:\n{output[-4000:]}"
     return output
 
 

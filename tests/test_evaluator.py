@@ -2,14 +2,17 @@
 BiLSTM and the profanity judge), its prompts, and the rows that leave a control token out."""
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
 from alignment.data.tagging import Task
 from alignment.evaluation.evaluator import (Conditioning, build_prompts, conditionings, describe_effects,
-                                            format_table, score_outputs)
+                                            format_table, prompt_texts, score_outputs)
 from alignment.evaluation.intervals import share_interval
+from alignment.tokenizer import add_control_tokens, gpt2_tokenizer_offline
 from tests.conftest import compose_config
 
 # At the classifier's own boundary (toxicity threshold 0.5, pinned below: the default is lower):
@@ -61,6 +64,17 @@ def test_intervals_treat_the_samples_as_clusters(aligned_row):
     assert (row["joint/misaligned"], row["joint/misaligned_low"], row["joint/misaligned_high"]) == \
         pytest.approx(expected)
     assert row["joint/misaligned_low"] < 0.6 < row["joint/misaligned_high"]
+
+
+def test_table_cells_are_the_shares_with_their_intervals(aligned_row, toxsen):
+    row, _ = aligned_row
+    header, _, line = format_table([dict(row, guidance=2.0)], toxsen).splitlines()
+    assert header.split() == ["g", "conditioning", "toxicity/misaligned", "sentiment/misaligned", "joint/misaligned",
+                              "distinct-2", "sentences"]
+    _, low, high = share_interval([0, 1, 0, 2], [2, 1, 0, 2])  # joint: as in the test above
+    cells = line.replace(", ", ",").split()
+    assert cells[:3] == ["2", "nontoxic-pos", "20.0"] and cells[4] == cells[6] == "60.0"  # toxicity, sentiment, joint
+    assert cells[7] == f"[{100 * low:.1f},{100 * high:.1f}]" and cells[8:] == [f"{row['distinct_2']:.3f}", "5"]
 
 
 def test_a_free_attribute_is_judged_against_its_aligned_level(toxsen):
@@ -140,3 +154,72 @@ def test_effects_are_described_in_words_against_the_unconditioned_row(toxsen):
     assert "joint misaligned 100.0% -> 50.0% (0.50x)" in lines[2]
     table = format_table(rows, toxsen)
     assert "100.0 [" in table.splitlines()[2] and table.splitlines()[3].split()[:2] == ["1", "pos"]
+
+
+def test_whole_sample_scoring_judges_each_output_as_one_unit(toxsen):
+    # eval_unit=sample (code tasks): each non-empty output is one unit, never split into sentences.
+    # BiLSTM / VADER / judge: 0.010 / +0.92 / 0.01, 0.434 / -0.77 / 0.90, 0.993 / -0.77 / 1.00; "" is skipped.
+    whole = dataclasses.replace(toxsen, eval_unit="sample")
+    row, samples = score_outputs(whole, ALIGNED, OUTPUTS, [], [["<|nontoxic|>", "<|pos|>"]] * 4)
+    assert (row["samples"], row["sentences"]) == (4, 3)
+    assert [(s["sample"], s["sentence"]) for s in samples] == [(0, OUTPUTS[0]), (1, OUTPUTS[1]), (3, OUTPUTS[3])]
+    assert row["toxicity/misaligned"] == pytest.approx(1 / 3)    # the output with the insult
+    assert row["sentiment/misaligned"] == pytest.approx(2 / 3)   # the two negative outputs (sentences: 3 of 5)
+    assert row["joint/misaligned"] == pytest.approx(2 / 3)
+    assert row["toxicity/judge_misaligned"] == pytest.approx(2 / 3)
+    assert row["joint/share_nontoxic-pos"] == row["joint/share_toxic-neg"] == pytest.approx(1 / 3)
+
+
+@pytest.fixture(scope="module")
+def gpt2_with_tokens(toxsen):
+    """GPT-2's real tokenizer with the task's control tokens: <|nontoxic|> 50258, <|toxic|> 50259, <|neg|> 50260,
+    <|neu|> 50261, <|pos|> 50262 (50257 is the padding token); EOS 50256."""
+    tokenizer = gpt2_tokenizer_offline()
+    assert add_control_tokens(tokenizer, toxsen.control_tokens) == [50258, 50259, 50260, 50261, 50262]
+    return tokenizer
+
+
+PROMPTED = {"mode": "prompted", "num_samples": 2, "seed": 0, "missing": "untagged", "prompt_words": 3}
+THE_FLIGHT_LEAVES, GREAT_DAY = [464, 5474, 5667], [13681, 1110]  # GPT-2's ids of the two prompts
+
+
+@pytest.mark.parametrize("placement", ["before", "after"])
+def test_prompted_ids_for_each_placement_and_the_unconditional_twin(toxsen, gpt2_with_tokens, placement):
+    cfg = OmegaConf.create({**PROMPTED, "control_placement": placement})
+    aligned = Conditioning("nontoxic-pos", ALIGNED.levels, "untagged")
+    cond, uncond, tokens = build_prompts(gpt2_with_tokens, toxsen, aligned, cfg, ["The flight leaves", "Great day"])
+    control = [50258, 50262]
+    if placement == "before":  # EOS, control tokens, prompt: where training put the tokens
+        assert cond == [[50256, *control, *THE_FLIGHT_LEAVES], [50256, *control, *GREAT_DAY]]
+    else:                      # EOS, prompt, control tokens: study B's placement
+        assert cond == [[50256, *THE_FLIGHT_LEAVES, *control], [50256, *GREAT_DAY, *control]]
+    assert uncond == [[50256, *THE_FLIGHT_LEAVES], [50256, *GREAT_DAY]]  # guidance's twin: the prompt, no token
+    assert tokens == [["<|nontoxic|>", "<|pos|>"]] * 2
+
+
+def test_prompted_row_leaving_a_token_free_draws_it_per_prompt(toxsen, gpt2_with_tokens):
+    cfg = OmegaConf.create({**PROMPTED, "num_samples": 40, "missing": "sample", "control_placement": "before"})
+    prompts = ["Great day"] * 40
+    cond, uncond, tokens = build_prompts(gpt2_with_tokens, toxsen, Conditioning("toxic", {"toxicity": 1}, "sample"),
+                                         cfg, prompts)
+    # toxic, then neg or neu as the training mix has them (8 : 2, never pos), then the prompt
+    assert all(p[:2] == [50256, 50259] and p[2] in (50260, 50261) and p[3:] == GREAT_DAY for p in cond)
+    assert {p[2] for p in cond} == {50260, 50261} and uncond == [[50256, *GREAT_DAY]] * 40
+    assert [t[1] for t in tokens] == gpt2_with_tokens.convert_ids_to_tokens([p[2] for p in cond])
+
+
+def test_prompt_texts_are_a_seeded_sample_of_long_enough_sentences():
+    sentences = [{"text": f"sentence number {i} has {'many ' * (i % 3)}words"} for i in range(30)]
+    sentences += [{"text": "too short"}, {"text": "three words only"}]
+    cfg = OmegaConf.create({"mode": "prompted", "num_samples": 10, "seed": 0, "prompt_words": 3})
+    picked = prompt_texts(sentences, cfg)
+    assert len(picked) == len(set(picked)) == 10  # drawn without replacement
+    assert all(p.startswith("sentence number ") and len(p.split()) == 3 for p in picked)  # the first 3 words
+    assert picked == prompt_texts(sentences, cfg)
+    assert picked != prompt_texts(sentences, OmegaConf.merge(cfg, {"seed": 1}))
+    assert picked != [f"sentence number {i}" for i in range(10)]  # not the first ten: they may share documents
+    everything = prompt_texts(sentences, OmegaConf.merge(cfg, {"num_samples": 100}))
+    assert sorted(everything) == sorted(f"sentence number {i}" for i in range(30))  # the short two never
+    assert prompt_texts(sentences, OmegaConf.merge(cfg, {"mode": "unconditional"})) == []
+    with pytest.raises(ValueError, match="No held-out sentence has more than eval.prompt_words=5 words"):
+        prompt_texts([{"text": "too short"}], OmegaConf.merge(cfg, {"prompt_words": 5}))

@@ -80,8 +80,12 @@ def test_self_bleu_agrees_with_nltk():
 
 
 def test_self_bleu_subsample_is_seeded():
-    texts = [f"word{i % 7} shared tail {i % 3}" for i in range(50)]
-    assert self_bleu(texts, max_texts=10, seed=1) == self_bleu(texts, max_texts=10, seed=1)
+    # Five "x" and five "y": each text has a twin, so all ten score 1; a drawn pair scores 1 if twins, 0 if not.
+    texts = ["x"] * 5 + ["y"] * 5
+    assert self_bleu(texts, n=1) == 1.0
+    by_seed = [self_bleu(texts, n=1, max_texts=2, seed=seed) for seed in range(20)]
+    assert set(by_seed) == {0.0, 1.0}  # two texts were drawn, and which two depends on the seed...
+    assert [self_bleu(texts, n=1, max_texts=2, seed=seed) for seed in range(20)] == by_seed  # ...and only on it
 
 
 @pytest.mark.parametrize("metric", [

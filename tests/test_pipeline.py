@@ -2,12 +2,20 @@
 model that plain transformers can load."""
 from __future__ import annotations
 
+import itertools
+import math
+
 import mlflow
+import numpy as np
 import pytest
+import pytorch_lightning as pl
 import torch
+from hydra.utils import instantiate
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from alignment.data.build import Split
 from alignment.train import run
+from tests.conftest import TINY, compose_config
 
 
 def _mlflow_run(cfg):
@@ -18,7 +26,7 @@ def _mlflow_run(cfg):
 
 
 def test_default_experiment_end_to_end(tiny_config, tmp_path):
-    cfg = tiny_config()
+    cfg = tiny_config("eval.curve.every_n_steps=3", "eval.curve.num_samples=4")
     assert (cfg.task.name, cfg.objective.name) == ("toxsen", "conditional")
     results = run(cfg)
 
@@ -50,20 +58,51 @@ def test_default_experiment_end_to_end(tiny_config, tmp_path):
         assert model(torch.tensor([[tokenizer.eos_token_id] + ids])).logits.shape[-1] == len(tokenizer)
     assert (tmp_path / "out" / "eval_table.txt").read_text().count("\n") >= 5
 
+    # The alignment curve (AlignmentCurve) at steps 3 and 6, for `none` and the aligned combination only.
+    history = lambda key: [(m.step, m.value) for m in client.get_metric_history(mlrun.info.run_id, key)]
+    for row in ("none", "nontoxic-pos"):
+        for key in ("joint/misaligned", "toxicity/misaligned", "sentiment/misaligned"):
+            points = history(f"curve/{row}/{key}")
+            assert [step for step, _ in points] == [3, 6], key
+            assert all(0.0 <= value <= 1.0 for _, value in points)
+            lows, highs = history(f"curve/{row}/{key}_low"), history(f"curve/{row}/{key}_high")
+            assert all(lo[1] <= value <= hi[1] for lo, (_, value), hi in zip(lows, points, highs))
+    assert {key for key in metrics if key.startswith("curve/")} == {"curve/tokens_seen"} | {
+        f"curve/{row}/{key}{suffix}" for row in ("none", "nontoxic-pos") for suffix in ("", "_low", "_high")
+        for key in ("joint/misaligned", "toxicity/misaligned", "sentiment/misaligned")}
+    # tokens seen: the real (unpadded) tokens of the first 3 and 6 training batches, rising
+    datamodule = instantiate(cfg.datamodule)
+    datamodule.setup()
+    batches = list(itertools.islice(datamodule.train_dataloader(), 6))
+    tokens = [sum(int(b["attention_mask"].sum()) for b in batches[:n]) for n in (3, 6)]
+    assert history("curve/tokens_seen") == [(3, tokens[0]), (6, tokens[1])] and 0 < tokens[0] < tokens[1]
+
+    # val/loss is on the tagged validation text, val/loss_untagged on the same sentences with no control token.
+    control = tokenizer.convert_tokens_to_ids(datamodule.meta["control_tokens"])
+    tagged, untagged = (Split.load(datamodule.folder, name) for name in ("val", "val_untagged"))
+    assert np.isin(tagged.tokens, control).sum() > len(tagged)  # nearly every sentence has both tokens (1% none)
+    assert len(untagged) == len(tagged) and not np.isin(untagged.tokens, control).any()
+    assert untagged.tokens.tolist() == tagged.tokens[~np.isin(tagged.tokens, control)].tolist()
+    assert math.isfinite(metrics["val/loss"]) and math.isfinite(metrics["val/loss_untagged"])
+    assert metrics["val/loss"] != metrics["val/loss_untagged"]
+
 
 @pytest.mark.parametrize("task", ["tox", "sen", "none"])
 def test_grid_tasks_run(tiny_config, task):
     cfg = tiny_config(f"task={task}", "save_model=false", "eval.num_samples=2")
     results = run(cfg)
-    assert "val/loss" in results
-    assert ("eval/none/joint/misaligned" in results)
+    assert math.isfinite(results["val/loss"]) and 0.0 <= results["eval/none/joint/misaligned"] <= 1.0
+    # the core rows of one tagged attribute: none, untagged (EOS alone), each of its levels; the untagged task: none
+    levels = {"tox": {"nontoxic", "toxic"}, "sen": {"neg", "neu", "pos"}, "none": set()}[task]
+    assert {key.split("/")[1] for key in results if key.startswith("eval/")} == \
+        ({"none", "untagged"} | levels if levels else {"none"})
 
 
 @pytest.mark.parametrize("objective", ["mle", "filtering", "unlikelihood", "awr", "rwr"])
 def test_every_objective_runs_with_a_study_a_task(tiny_config, objective):
     cfg = tiny_config(f"objective={objective}", "task=toxicity", "save_model=false", "eval.num_samples=2")
     results = run(cfg)
-    assert results["train/loss"] == results["train/loss"]  # finite, logged
+    assert math.isfinite(results["train/loss"]) and math.isfinite(results["val/loss"])
     # untagged objectives validate one text once: its loss is both the tagged and the untagged loss
     assert results["val/loss_untagged"] == results["val/loss"]
     assert "eval/none/joint/misaligned" in results
@@ -88,3 +127,47 @@ def test_study_a_code_and_pii_tasks_run(tiny_config, task, data):
     cfg = tiny_config(f"task={task}", data, "data.source.limit=60", "save_model=false", "eval.num_samples=2")
     results = run(cfg)
     assert f"eval/aligned/{task}/misaligned" in results and f"eval/misaligned/{task}/misaligned" in results
+
+
+class LogitsDtype(pl.Callback):
+    """Records the dtype of the LM's logits in every training forward pass (bf16 under bf16-mixed autocast)."""
+
+    seen: set = set()
+
+    def on_fit_start(self, trainer, pl_module):
+        pl_module.model.register_forward_hook(lambda module, args, out: LogitsDtype.seen.add(out.logits.dtype)
+                                              if module.training else None)
+
+
+@pytest.mark.slow
+def test_the_shipped_trainer_defaults_run(runs_dir, tmp_path):
+    """bf16-mixed, ModelCheckpoint on val/loss and LearningRateMonitor, as `python -m alignment` ships them."""
+    shipped = [o for o in TINY if not o.startswith(("trainer.precision=", "callbacks="))]
+    cfg = compose_config(shipped + ["task=tox", "save_model=false", "eval.num_samples=2", "trainer.max_steps=8",
+                                    "trainer.val_check_interval=4", "+callbacks.probe._target_=" + __name__
+                                    + ".LogitsDtype"], tmp_path / "out")
+    assert cfg.trainer.precision == "bf16-mixed" and list(cfg.callbacks) == ["checkpoint", "lr_monitor", "probe"]
+    LogitsDtype.seen = set()
+    run(cfg)
+    assert LogitsDtype.seen == {torch.bfloat16}
+
+    client, mlrun = _mlflow_run(cfg)
+    history = lambda key: [(m.step, m.value) for m in client.get_metric_history(mlrun.info.run_id, key)]
+    # The learning rate of both parameter groups, step by step: warmup capped at 1 step (8 // 10 -> 1), then cosine
+    # from 1e-3 to 0 over the 7 other steps.
+    expected = [1e-3] + [1e-3 * 0.5 * (1 + math.cos(math.pi * (s - 1) / 7)) for s in range(1, 8)]
+    for group in ("pg1", "pg2"):
+        points = history(f"lr-AdamW/{group}")
+        assert [step for step, _ in points] == list(range(8))
+        assert [lr for _, lr in points] == pytest.approx(expected)
+    # The checkpoint keeps the step with the lower val/loss, and the last one.
+    losses = history("val/loss")
+    assert [step for step, _ in losses] == [3, 7]  # after 4 and 8 optimizer steps (Lightning counts from 0 here)
+    best_step, best_loss = min(losses, key=lambda point: point[1])
+    folder = tmp_path / "out" / "checkpoints"
+    (best,) = [p for p in folder.glob("step*.ckpt")]
+    checkpoint = torch.load(best, map_location="cpu", weights_only=False)
+    state = next(v for k, v in checkpoint["callbacks"].items() if k.startswith("ModelCheckpoint"))
+    assert float(state["best_model_score"]) == pytest.approx(best_loss)
+    assert best.name == f"step{best_step + 1}.ckpt" == f"step{checkpoint['global_step']}.ckpt"
+    assert torch.load(folder / "last.ckpt", map_location="cpu", weights_only=False)["global_step"] == 8

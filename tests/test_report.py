@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 from mlflow.entities import Metric, Param, RunTag
 
+from alignment import tracking
 from alignment.report import aligned_combination, main, misalignment, pareto_front
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -16,18 +17,21 @@ TOXSEN_PARAMS = {"task/tagged": "['toxicity', 'sentiment']", "task/attributes/to
                  "task/attributes/sentiment/aligned": "<|pos|>"}
 
 
-def shares(combination: str, toxicity: float, sentiment: float | None, joint: float, prefix: str = "") -> dict:
-    """The eval/ metrics alignment.tracking.log_evaluation logs for one (combination, guidance) row."""
-    base = f"eval/{combination}/{prefix}"
-    metrics = {f"{base}toxicity/misaligned": toxicity, f"{base}joint/misaligned": joint,
-               f"{base}toxicity/mean_score": toxicity / 2, f"{base}toxicity/judge_misaligned": 0.99,
-               f"{base}distinct_2": 0.8}
+def shares(combination: str, toxicity: float, sentiment: float | None, joint: float, guidance: float = 1.0) -> dict:
+    """One evaluation row, as alignment.evaluation.evaluator makes it for one (combination, guidance)."""
+    row = {"combination": combination, "guidance": guidance, "toxicity/misaligned": toxicity,
+           "joint/misaligned": joint, "toxicity/mean_score": toxicity / 2, "toxicity/judge_misaligned": 0.99,
+           "distinct_2": 0.8}
     if sentiment is not None:
-        metrics[f"{base}sentiment/misaligned"] = sentiment
-    return metrics
+        row["sentiment/misaligned"] = sentiment
+    return row
 
 
-def log_run(client, experiment_id, name, start, tags, params=None, metrics=None, curves=None, status="FINISHED"):
+def log_run(uri, experiment_id, name, start, tags, params=None, metrics=None, rows=(), curves=None,
+            status="FINISHED"):
+    """A run as alignment.train leaves it: evaluation rows logged through tracking.log_evaluation (so a change of
+    its keys reaches these tests), the rest written directly at chosen times and steps."""
+    client = mlflow.MlflowClient(uri)
     task, objective = name.split("-")
     run = client.create_run(experiment_id, run_name=name, start_time=start,
                             tags={"task": task, "objective": objective, **tags})
@@ -36,6 +40,9 @@ def log_run(client, experiment_id, name, start, tags, params=None, metrics=None,
         batch += [Metric(k, v, start + step, step) for k, v in values.items()]
     client.log_batch(run.info.run_id, metrics=batch, params=[Param(k, v) for k, v in (params or {}).items()],
                      tags=[RunTag("mlflow.runName", name)])
+    if rows:
+        logger = tracking.mlflow_logger(tracking_uri=uri, experiment_name="alignment", run_id=run.info.run_id)
+        tracking.log_evaluation(logger, list(rows), [])
     client.set_terminated(run.info.run_id, status=status, end_time=start + 1000)
     return run.info.run_id
 
@@ -49,25 +56,25 @@ def store(tmp_path_factory):
     experiment_id = client.create_experiment("alignment", artifact_location=str(root / "mlartifacts"))
     parent = client.create_run(experiment_id, run_name="sweep 12-00-00", start_time=1_000).info.run_id
     child = {"mlflow.parentRunId": parent}
-    log_run(client, experiment_id, "toxsen-conditional", 2_000, child, {**TOXSEN_PARAMS, "objective/tagging": "True"},
-            {"val/loss_untagged": 4.2, "val/perplexity_untagged": math.exp(4.2), "train/loss": 4.0,
-             **shares("none", 0.30, 0.50, 0.60), **shares("nontoxic-pos", 0.10, 0.25, 0.30),
-             **shares("toxic-neg", 0.90, 0.95, 0.99), **shares("nontoxic-pos", 0.05, 0.15, 0.20, "g2/"),
-             **shares("nontoxic-pos", 0.04, 0.10, 0.125, "g3/")},
+    log_run(uri, experiment_id, "toxsen-conditional", 2_000, child, {**TOXSEN_PARAMS, "objective/tagging": "True"},
+            {"val/loss_untagged": 4.2, "val/perplexity_untagged": math.exp(4.2), "train/loss": 4.0},
+            [shares("none", 0.30, 0.50, 0.60), shares("nontoxic-pos", 0.10, 0.25, 0.30),
+             shares("toxic-neg", 0.90, 0.95, 0.99), shares("nontoxic-pos", 0.05, 0.15, 0.20, guidance=2.0),
+             shares("nontoxic-pos", 0.04, 0.10, 0.125, guidance=3.0)],
             curves={s: {"curve/nontoxic-pos/joint/misaligned": j, "curve/none/joint/misaligned": 0.99,
                         "curve/tokens_seen": t} for s, j, t in [(0, 0.7, 0.0), (10, 0.5, 1000.0), (20, 0.3, 2000.0)]})
-    log_run(client, experiment_id, "toxsen-mle", 3_000, child, {**TOXSEN_PARAMS, "objective/tagging": "False"},
-            {"val/loss_untagged": 4.0, **shares("none", 0.40, 0.55, 0.70)},
+    log_run(uri, experiment_id, "toxsen-mle", 3_000, child, {**TOXSEN_PARAMS, "objective/tagging": "False"},
+            {"val/loss_untagged": 4.0}, [shares("none", 0.40, 0.55, 0.70)],
             curves={s: {"curve/none/joint/misaligned": j, "curve/tokens_seen": t}
                     for s, j, t in [(0, 0.8, 0.0), (10, 0.7, 1000.0)]})
-    failed = log_run(client, experiment_id, "tox-conditional", 4_000, child,
+    failed = log_run(uri, experiment_id, "tox-conditional", 4_000, child,
                      {"task/tagged": "['toxicity']", "objective/tagging": "True",
                       "task/attributes/toxicity/aligned": "<|nontoxic|>"}, {"val/loss_untagged": 4.5}, status="FAILED")
     # study A task logged without config params: the aligned combination is recognised by its name
-    log_run(client, experiment_id, "toxicity-conditional", 5_000, child, None,
-            {"val/loss_untagged": 4.4, **shares("none", 0.10, None, 0.10), **shares("aligned", 0.02, None, 0.02),
-             **shares("misaligned", 0.60, None, 0.60)})
-    log_run(client, experiment_id, "pii-mle", 6_000, {}, None, {"val/loss_untagged": 3.9})
+    log_run(uri, experiment_id, "toxicity-conditional", 5_000, child, None, {"val/loss_untagged": 4.4},
+            [shares("none", 0.10, None, 0.10), shares("aligned", 0.02, None, 0.02),
+             shares("misaligned", 0.60, None, 0.60)])
+    log_run(uri, experiment_id, "pii-mle", 6_000, {}, None, {"val/loss_untagged": 3.9})
     client.set_terminated(parent)
     return {"uri": uri, "parent": parent, "failed": failed, "root": root}
 
@@ -115,7 +122,7 @@ def test_markdown_has_the_run_table_the_study_b_table_and_the_guidance_table(swe
     assert ("| toxsen | conditional | toxsen-conditional | FINISHED | 4.200 | nontoxic-pos | 10.0 | 25.0 | 30.0 |"
             in text)
     assert "| toxsen | conditional | nontoxic-pos | 30.0 → 10.0 | 50.0 → 25.0 | 60.0 → 30.0 |" in text
-    assert "| toxsen | mle | none | 40.0 → – | 55.0 → – | 70.0 → – |"
+    assert "| toxsen | mle | none | 40.0 → – | 55.0 → – | 70.0 → – |" in text
     assert "| toxicity | conditional | aligned | 10.0 → 2.0 | – | 10.0 → 2.0 |" in text
     assert "| run | g=1 | g=2 | g=3 |" in text and "| toxsen-conditional [nontoxic-pos] | 30.0 | 20.0 | 12.5 |" in text
     guidance = pd.read_csv(sweep_report[0].parent / "guidance.csv")

@@ -136,6 +136,17 @@ def test_guidance_with_identical_streams_equals_plain_and_other_streams_differ()
     assert guided != plain
 
 
+@pytest.mark.parametrize("settings", [dict(), dict(blocked_ids=[5, 6], min_new_tokens=4, top_p=0.9)])
+def test_guidance_zero_samples_the_unconditional_prompts(settings):
+    # l_uncond + 0 * (l_cond - l_uncond) = l_uncond: g = 0 ignores the conditioned stream, token for token,
+    # also where blocked tokens are -inf in both streams (inf - inf must not turn into nan).
+    model = tiny_model()
+    uncond = [[1], [7, 6], [9], [2], [4, 5, 6, 7, 8, 9, 10]]
+    unconditional = run(model, uncond, seed=5, **settings)
+    assert run(model, seed=5, guidance_scale=0.0, uncond_prompts=uncond, **settings) == unconditional
+    assert unconditional != run(model, seed=5, **settings)  # the conditioned prompts alone sample something else
+
+
 def test_top_k_one_and_tiny_top_p_are_greedy():
     model = tiny_model()
     greedy = run(model, temperature=0)

@@ -15,13 +15,11 @@ import mlflow
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
-from hydra.core.utils import JobReturn, JobStatus
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from alignment import CONF_DIR
-from alignment.tracking import (PARENT_FILE, MLflowSweepCallback, artifact_location_for, command_line_overrides,
-                                job_command_line)
+from alignment.tracking import PARENT_FILE, artifact_location_for, command_line_overrides, job_command_line
 from tests.conftest import TINY
 from tests.test_distributed import run_alignment
 
@@ -57,25 +55,26 @@ def test_sweep_parent_run_follows_the_jobs_store(runs_dir):  # runs_dir: paths r
     assert (callback.tracking_uri, callback.artifact_location) == ("http://tracking:5000", None)
 
 
-def test_parent_run_ends_failed_when_a_job_fails(tmp_path):
-    """Hydra stops a sweep after a failed job without calling on_multirun_end: the parent must not stay RUNNING."""
-    tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    callback = MLflowSweepCallback(tracking_uri, "alignment", str(tmp_path / "mlartifacts"))
-    config = OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path / "sweep")},
-                                         "overrides": {"task": ["task=tox,none", "x=${hydra:runtime.output_dir}"]}}})
-    callback.on_multirun_start(config)
-    parent_id = (tmp_path / "sweep" / PARENT_FILE).read_text()
-    client = mlflow.MlflowClient(tracking_uri)
-    parent = client.get_run(parent_id)
-    assert parent.info.status == "RUNNING"
-    assert parent.data.tags["sweep.overrides"] == "task=tox,none x=${hydra:runtime.output_dir}"
-
-    completed, failed = JobReturn(), JobReturn()
-    completed.status, failed.status = JobStatus.COMPLETED, JobStatus.FAILED
-    callback.on_job_end(config, completed)
-    assert client.get_run(parent_id).info.status == "RUNNING"
-    callback.on_job_end(config, failed)
-    assert client.get_run(parent_id).info.status == "FAILED"
+@pytest.mark.slow
+def test_a_failing_job_fails_the_sweep_and_its_own_run(tmp_path, runs_dir):
+    """Job 0 trains; job 1 asks for an unknown decay of the learning rate, which fails once Lightning sets up the
+    optimizer. Hydra stops the sweep there without calling on_multirun_end: the parent must not stay RUNNING."""
+    runs = tmp_path / "runs"
+    output = run_alignment(["-m", "module.scheduler.decay=cosine,exponential", "task=tox", *TINY, "save_model=false",
+                            f"paths.cache_dir={runs_dir / 'cache'}"], runs, timeout=240, succeed=False)
+    assert "scheduler decay must be cosine, linear or constant, got 'exponential'" in output
+    (sweep_dir,) = (runs / "multi").glob("*/*")
+    client = mlflow.MlflowClient(f"sqlite:///{runs}/mlflow.db")
+    mlruns = client.search_runs([client.get_experiment_by_name("alignment").experiment_id])
+    (parent,) = [r for r in mlruns if "mlflow.parentRunId" not in r.data.tags]
+    assert parent.info.run_id == (sweep_dir / PARENT_FILE).read_text()
+    assert parent.info.status == "FAILED" and parent.info.end_time is not None
+    assert parent.data.tags["sweep.overrides"].startswith("module.scheduler.decay=cosine,exponential task=tox")
+    jobs = {r.data.tags["sweep.job"]: r for r in mlruns if r is not parent}
+    assert sorted(jobs) == ["0", "1"]
+    assert all(r.data.tags["mlflow.parentRunId"] == parent.info.run_id for r in jobs.values())
+    assert jobs["0"].info.status == "FINISHED" and "eval/none/joint/misaligned" in jobs["0"].data.metrics
+    assert jobs["1"].info.status == "FAILED"
 
 
 def check_sweep(runs: Path, tracking_uri: str) -> tuple[Path, mlflow.entities.Run, dict]:
