@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -181,6 +182,13 @@ def run_tags(cfg: DictConfig) -> dict[str, str]:
     if commit:
         tags["mlflow.source.git.commit"] = commit
     return tags
+
+
+def reproduce_command() -> str | None:
+    """The command line that runs this job again, `python -m alignment <its overrides>` (None outside Hydra)."""
+    if not HydraConfig.initialized():
+        return None
+    return "python -m alignment " + shlex.join(command_line_overrides(HydraConfig.get().overrides.task))
 
 
 def git_commit() -> str | None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import mlflow
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
 
 from alignment.train import run
 
@@ -49,6 +49,34 @@ def test_default_experiment_end_to_end(tiny_config, tmp_path):
     with torch.no_grad():
         assert model(torch.tensor([[tokenizer.eos_token_id] + ids])).logits.shape[-1] == len(tokenizer)
     assert (tmp_path / "out" / "eval_table.txt").read_text().count("\n") >= 5
+
+    # It samples as the evaluation does (conf/eval/unconditional.yaml, shrunk by TINY) and never the control tokens,
+    # through plain transformers' pipeline, under every combination of control tokens.
+    control = tokenizer.convert_tokens_to_ids(["<|nontoxic|>", "<|toxic|>", "<|neg|>", "<|neu|>", "<|pos|>"])
+    config = model.generation_config
+    assert (config.temperature, config.top_p, config.top_k, config.max_new_tokens, config.min_new_tokens) == (
+        0.7, 0.9, 0, 8, 2)
+    assert config.do_sample and sorted(config.suppress_tokens) == sorted(control)
+    generate = pipeline("text-generation", model=str(model_dir))
+    eos = tokenizer.eos_token
+    toxicity, sentiment = ["<|nontoxic|>", "<|toxic|>"], ["<|neg|>", "<|neu|>", "<|pos|>"]
+    prompts = [eos] + [eos + t for t in toxicity + sentiment] + [eos + t + s for t in toxicity for s in sentiment]
+    for prompt in prompts:
+        for output in generate([prompt] * 2, return_tensors=True):
+            generated = output[0]["generated_token_ids"][len(tokenizer(prompt)["input_ids"]):]
+            assert 1 <= len(generated) <= 8 and not set(generated) & set(control), prompt
+
+    # The model card: how it was trained, how to prompt it, the evaluation table (also in MLflow's copy).
+    card = (model_dir / "README.md").read_text()
+    for expected in ("pipeline_tag: text-generation", "# toxsen-conditional", "objective: `conditional`",
+                     "6 optimizer steps of 8 examples, seed 42",
+                     "| toxicity | `<|nontoxic|>` `<|toxic|>` | `<|nontoxic|>` |",
+                     "'<|endoftext|><|nontoxic|><|pos|>'", "- max_new_tokens: 8",
+                     (tmp_path / "out" / "eval_table.txt").read_text().strip()):
+        assert expected in card, expected
+    logged = mlflow.artifacts.download_artifacts(run_id=mlrun.info.run_id, artifact_path="model/README.md",
+                                                 tracking_uri=cfg.logger.tracking_uri, dst_path=str(tmp_path / "dl"))
+    assert open(logged).read() == card
 
 
 @pytest.mark.parametrize("task", ["tox", "sen", "none"])
