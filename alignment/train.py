@@ -93,8 +93,8 @@ def run(cfg: DictConfig) -> dict[str, float]:
         logger.experiment.set_terminated(logger.run_id, "FAILED")
         raise
     logger.finalize("success")
-    print(f"\nOutputs: {output_dir}\nMLflow run: {logger.run_id} in experiment '{cfg.logger.experiment_name}'"
-          f"\nOpen it: {tracking.ui_command(cfg.logger.tracking_uri)}")
+    print(f"\nOutputs: {output_dir}\nMLflow run: {logger.run_id} in experiment '{cfg.logger.experiment_name}'\n"
+          + tracking.ui_links(cfg.logger.tracking_uri, logger.experiment_id, logger.run_id))
     return results
 
 
@@ -113,6 +113,7 @@ def save_and_evaluate(cfg, trainer, logger, model, tokenizer, task, datamodule, 
         model.to(trainer.strategy.root_device).eval()  # Lightning moves the module back to CPU after fit
         evaluation = evaluate(model, tokenizer, task, cfg.eval, datamodule.val_sentences())
         tracking.log_evaluation(logger, evaluation.rows, evaluation.samples, evaluation.capability)
+        tracking.log_summary(logger, tracking.summary_metrics(evaluation.rows, task, _scalars(trainer)))
         table = format_table(evaluation.rows, task)
         effects = describe_effects(evaluation.rows, task)
         (output_dir / "eval_table.txt").write_text(table + "\n\n" + effects + "\n")

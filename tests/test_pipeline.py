@@ -17,7 +17,7 @@ def _mlflow_run(cfg):
     return client, runs[0]
 
 
-def test_default_experiment_end_to_end(tiny_config, tmp_path):
+def test_default_experiment_end_to_end(tiny_config, tmp_path, capsys):
     cfg = tiny_config()
     assert (cfg.task.name, cfg.objective.name) == ("toxsen", "conditional")
     results = run(cfg)
@@ -39,6 +39,23 @@ def test_default_experiment_end_to_end(tiny_config, tmp_path):
     eval_files = {a.path for a in client.list_artifacts(mlrun.info.run_id, "eval")}
     assert {"eval/eval_metrics.csv", "eval/samples.json"} <= eval_files
     assert results["eval/nontoxic-pos/joint/misaligned"] == metrics["eval/nontoxic-pos/joint/misaligned"]
+
+    # What the MLflow UI shows first: the headline metrics, the experiment's description, and where to look.
+    summary = {key: value for key, value in metrics.items() if key.startswith("summary/")}
+    assert summary == {"summary/aligned_misaligned": metrics["eval/nontoxic-pos/joint/misaligned"],
+                       "summary/unconditioned_misaligned": metrics["eval/none/joint/misaligned"],
+                       "summary/distinct_2": metrics["eval/none/distinct_2"],
+                       "summary/nontoxic_under_nontoxic": metrics["eval/nontoxic/toxicity/share_nontoxic"],
+                       "summary/toxic_under_toxic": metrics["eval/toxic/toxicity/share_toxic"],
+                       **{f"summary/{s}_under_{s}": metrics[f"eval/{s}/sentiment/share_{s}"]
+                          for s in ("neg", "neu", "pos")},
+                       "summary/val_loss_untagged": metrics["val/loss_untagged"]}
+    assert "environment.txt" in artifacts
+    experiment = client.get_experiment(mlrun.info.experiment_id)
+    assert "summary/*" in experiment.tags["mlflow.note.content"]
+    printed = capsys.readouterr().out
+    page = f"http://127.0.0.1:5000/#/experiments/{mlrun.info.experiment_id}/runs"
+    assert f"this run:   {page}/{mlrun.info.run_id}\n" in printed and f"runs table: {page}\n" in printed
 
     # The saved model loads with no project code, control tokens included.
     model_dir = tmp_path / "out" / "model"

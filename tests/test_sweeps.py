@@ -110,8 +110,14 @@ def check_sweep(runs: Path, tracking_uri: str) -> tuple[Path, mlflow.entities.Ru
 @pytest.mark.slow
 def test_sweep_with_the_default_sqlite_store(tmp_path, runs_dir):
     runs = tmp_path / "runs"
-    run_alignment([*SWEEP, f"paths.cache_dir={runs_dir / 'cache'}"], runs, timeout=240)
-    _, _, children = check_sweep(runs, f"sqlite:///{runs}/mlflow.db")
+    output = run_alignment([*SWEEP, f"paths.cache_dir={runs_dir / 'cache'}"], runs, timeout=240)
+    _, parent, children = check_sweep(runs, f"sqlite:///{runs}/mlflow.db")
+    # Each job and the sweep print where the MLflow UI shows them (`make ui` serves the store on port 5000).
+    experiment = f"http://127.0.0.1:5000/#/experiments/{parent.info.experiment_id}"
+    for run in (parent, *children.values()):
+        assert f"this run:   {experiment}/runs/{run.info.run_id}\n" in output
+    compare = next(line for line in output.splitlines() if line.startswith("  compare:    "))
+    assert all(child.info.run_id in compare for child in children.values())
     for child in children.values():  # artifacts in the project's local folder
         assert Path(child.info.artifact_uri) == runs / "mlartifacts" / child.info.run_id / "artifacts"
         assert (Path(child.info.artifact_uri) / "config.yaml").exists()
