@@ -13,7 +13,8 @@ from alignment.tracking import environment, summary_metrics, ui_links
 def test_links_for_a_local_store_point_where_make_ui_serves():
     links = ui_links("sqlite:////data/runs/mlflow.db", "3", "abc123").splitlines()
     assert links == [
-        "MLflow UI: make ui   (or: mlflow ui --backend-store-uri sqlite:////data/runs/mlflow.db --port 5000), then open",
+        "MLflow UI: make ui   (or: mlflow ui --backend-store-uri sqlite:////data/runs/mlflow.db --port 5000), "
+        "then open",
         "  this run:   http://127.0.0.1:5000/#/experiments/3/runs/abc123",
         "  runs table: http://127.0.0.1:5000/#/experiments/3/runs"]
 
