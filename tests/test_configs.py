@@ -5,6 +5,8 @@ import subprocess
 import sys
 
 import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
@@ -46,6 +48,21 @@ def test_cli_help_lists_every_group():
     assert out.returncode == 0, out.stderr
     for group, option in OPTIONS:
         assert group in out.stdout and option in out.stdout
+    assert out.stdout.startswith("alignment is powered by Hydra.\nUsage: python -m alignment ")
+    assert "`attribute` and `scorer` are not top-level choices: they are sub-groups of a task" in out.stdout
+    assert "attribute@task.attributes.sentiment=sentiment_study_b" in out.stdout
+
+
+def test_apps_are_named_after_their_module(runs_dir, tmp_path):
+    """The job's name (log file <name>.log, --help header, SLURM job name) is the module a user runs."""
+    for config_name, name in (("config", "alignment"), ("evaluate", "alignment.evaluate")):
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            cfg = compose(config_name=config_name, overrides=["run=x"] if config_name == "evaluate" else [],
+                          return_hydra_config=True)
+        assert cfg.hydra.job.name == name
+        logging = OmegaConf.to_container(cfg.hydra.job_logging, resolve=False)
+        assert logging["handlers"]["file"]["filename"].endswith("/${hydra.job.name}.log")
 
 
 def test_cli_bad_override_message():

@@ -84,6 +84,7 @@ def check_sweep(runs: Path, tracking_uri: str) -> tuple[Path, mlflow.entities.Ru
     (sweep_dir,) = (runs / "multi").glob("*/*")
     folders = sorted(p.name for p in sweep_dir.iterdir() if p.is_dir())
     assert folders == ["0_tox-conditional", "1_none-conditional", "report"]  # report: the sweep's comparison
+    assert (sweep_dir / "0_tox-conditional" / "alignment.log").exists()  # named after the app, not __main__
     assert not (runs / "single").exists()
 
     client = mlflow.MlflowClient(tracking_uri)
