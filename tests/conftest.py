@@ -1,6 +1,7 @@
 """Shared fixtures: compose the real configs with Hydra's compose API and shrink them."""
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 
@@ -32,6 +33,18 @@ TINY = [
     "eval.sampling.max_new_tokens=8",
     "eval.sampling.min_new_tokens=2",
 ]
+
+
+
+def _missing(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is None
+    except ModuleNotFoundError:  # its parent package (here the hydra_plugins namespace) is absent too
+        return True
+
+
+#: The optional cluster launcher (`pip install -e '.[slurm]'`).
+SUBMITIT_MISSING = _missing("hydra_plugins.hydra_submitit_launcher")
 
 
 @pytest.fixture(scope="session")
