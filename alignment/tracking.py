@@ -318,6 +318,24 @@ def log_model_dir(logger, model_dir: Path) -> None:
     logger.experiment.log_artifacts(logger.run_id, str(model_dir), artifact_path="model")
 
 
+def log_mlflow_model(logger, model_dir: Path) -> None:
+    """The saved folder again as an MLflow Transformers model (artifact `hf_model`): `mlflow.register_model(
+    "runs:/<run id>/hf_model", name)` registers it, `mlflow.pyfunc.load_model` (what `mlflow models serve` runs)
+    samples from it with the saved generation defaults. Its requirements are given, not
+    inferred (inference would load the model once more in a subprocess); torch without its build suffix (+cpu)."""
+    from importlib import metadata
+
+    import mlflow.transformers
+    from transformers import pipeline
+
+    requirements = [f"{name}=={metadata.version(name).split('+')[0]}"
+                    for name in ("transformers", "tokenizers", "safetensors", "torch")]
+    with tempfile.TemporaryDirectory() as tmp:
+        mlflow.transformers.save_model(pipeline("text-generation", model=str(model_dir)), str(Path(tmp) / "hf_model"),
+                                       pip_requirements=requirements)
+        logger.experiment.log_artifacts(logger.run_id, str(Path(tmp) / "hf_model"), artifact_path="hf_model")
+
+
 #: The port `make ui` serves on (its PORT variable) and the address the printed links use for a local store.
 UI_PORT = 5000
 

@@ -108,6 +108,8 @@ def save_and_evaluate(cfg, trainer, logger, model, tokenizer, task, datamodule, 
         set_generation_defaults(model, tokenizer.convert_tokens_to_ids(task.control_tokens), cfg.eval.sampling)
         model_dir = save_model(model, tokenizer, output_dir / "model", card=card(metrics=_scalars(trainer)))
         tracking.log_model_dir(logger, model_dir)  # now, so that a failed evaluation still leaves the model
+        if cfg.log_mlflow_model:
+            tracking.log_mlflow_model(logger, model_dir)
         log.info("Saved model and tokenizer to %s", model_dir)
     if cfg.evaluate:
         model.to(trainer.strategy.root_device).eval()  # Lightning moves the module back to CPU after fit

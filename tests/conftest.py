@@ -32,6 +32,7 @@ TINY = [
     "eval.num_samples=4",
     "eval.sampling.max_new_tokens=8",
     "eval.sampling.min_new_tokens=2",
+    "log_mlflow_model=false",  # 8 s each; test_pipeline's end-to-end test logs one
 ]
 
 

@@ -18,7 +18,7 @@ def _mlflow_run(cfg):
 
 
 def test_default_experiment_end_to_end(tiny_config, tmp_path, capsys):
-    cfg = tiny_config()
+    cfg = tiny_config("log_mlflow_model=true")
     assert (cfg.task.name, cfg.objective.name) == ("toxsen", "conditional")
     results = run(cfg)
 
@@ -94,6 +94,18 @@ def test_default_experiment_end_to_end(tiny_config, tmp_path, capsys):
     logged = mlflow.artifacts.download_artifacts(run_id=mlrun.info.run_id, artifact_path="model/README.md",
                                                  tracking_uri=cfg.logger.tracking_uri, dst_path=str(tmp_path / "dl"))
     assert open(logged).read() == card
+
+    # The same model as an MLflow Transformers model: registrable, and it samples through pyfunc with the saved
+    # generation defaults (no control token after the prompt).
+    mlflow.set_tracking_uri(cfg.logger.tracking_uri)
+    try:
+        source = f"runs:/{mlrun.info.run_id}/hf_model"
+        assert mlflow.register_model(source, "toxsen-conditional").status == "READY"
+        prompt = eos + "<|nontoxic|><|pos|>"
+        (text,) = mlflow.pyfunc.load_model(source).predict([prompt])
+        assert text.startswith(prompt) and "<|" not in text.removeprefix(prompt)
+    finally:
+        mlflow.set_tracking_uri(None)
 
 
 @pytest.mark.parametrize("task", ["tox", "sen", "none"])
