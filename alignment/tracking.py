@@ -14,6 +14,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode, urlparse
@@ -321,8 +322,8 @@ def log_model_dir(logger, model_dir: Path) -> None:
 def log_mlflow_model(logger, model_dir: Path) -> None:
     """The saved folder again as an MLflow Transformers model (artifact `hf_model`): `mlflow.register_model(
     "runs:/<run id>/hf_model", name)` registers it, `mlflow.pyfunc.load_model` (what `mlflow models serve` runs)
-    samples from it with the saved generation defaults. Its requirements are given, not
-    inferred (inference would load the model once more in a subprocess); torch without its build suffix (+cpu)."""
+    samples from it with the saved generation defaults. Its requirements are given, not inferred (inference would
+    load the model once more in a subprocess); torch without its build suffix (+cpu)."""
     from importlib import metadata
 
     import mlflow.transformers
@@ -341,16 +342,20 @@ UI_PORT = 5000
 
 
 def ui_command(tracking_uri: str) -> str:
-    if _is_local(tracking_uri):
-        return f"make ui   (or: mlflow ui --backend-store-uri {tracking_uri} --port {UI_PORT})"
-    return f"open {tracking_uri} in a browser"
+    if not _is_local(tracking_uri):
+        return f"open {tracking_uri} in a browser"
+    # `make ui` opens the store of ALIGNMENT_RUNS_DIR / MLFLOW_TRACKING_URI, as conf/paths/default.yaml does.
+    runs_dir = os.environ.get("ALIGNMENT_RUNS_DIR", str(PROJECT_ROOT / "runs"))
+    default = os.environ.get("MLFLOW_TRACKING_URI", f"sqlite:///{runs_dir}/mlflow.db")
+    make = "make ui" if tracking_uri == default else f"make ui TRACKING_URI={tracking_uri}"
+    return f"{make}   (or: mlflow ui --backend-store-uri {tracking_uri} --port {UI_PORT})"
 
 
 def _is_local(tracking_uri: str) -> bool:
     return urlparse(tracking_uri).scheme in ("sqlite", "file", "")
 
 
-def ui_links(tracking_uri: str, experiment_id: str, run_id: str | None = None, compare: list[str] = ()) -> str:
+def ui_links(tracking_uri: str, experiment_id: str, run_id: str | None = None, compare: Sequence[str] = ()) -> str:
     """Where to look in the MLflow UI: the run's page, the experiment's runs table, the compare page of `compare`.
     A local store has no server: the links point where `make ui` serves it."""
     if _is_local(tracking_uri):

@@ -10,13 +10,16 @@ from alignment.data.tagging import Attribute, Task
 from alignment.tracking import environment, summary_metrics, ui_links
 
 
-def test_links_for_a_local_store_point_where_make_ui_serves():
-    links = ui_links("sqlite:////data/runs/mlflow.db", "3", "abc123").splitlines()
+def test_links_for_a_local_store_point_where_make_ui_serves(runs_dir):  # runs_dir: ALIGNMENT_RUNS_DIR is set
+    links = ui_links(f"sqlite:///{runs_dir}/mlflow.db", "3", "abc123").splitlines()
     assert links == [
-        "MLflow UI: make ui   (or: mlflow ui --backend-store-uri sqlite:////data/runs/mlflow.db --port 5000), "
+        f"MLflow UI: make ui   (or: mlflow ui --backend-store-uri sqlite:///{runs_dir}/mlflow.db --port 5000), "
         "then open",
         "  this run:   http://127.0.0.1:5000/#/experiments/3/runs/abc123",
         "  runs table: http://127.0.0.1:5000/#/experiments/3/runs"]
+    # Another store than ALIGNMENT_RUNS_DIR's (logger.tracking_uri=...): make ui must be told.
+    assert ui_links("sqlite:////elsewhere/mlflow.db", "3").startswith(
+        "MLflow UI: make ui TRACKING_URI=sqlite:////elsewhere/mlflow.db   (or: mlflow ui ")
 
 
 def test_links_for_a_server_use_its_address_and_compare_the_sweep():
