@@ -22,6 +22,9 @@ def test_ui_opens_the_store_of_alignment_runs_dir_on_the_given_port():
         in recipe
     default = make_dry_run("ui", {})
     assert f"--backend-store-uri sqlite:///{PROJECT_ROOT}/runs/mlflow.db --host 127.0.0.1 --port 5000" in default
+    # What a run prints when it logged elsewhere (alignment.tracking.ui_command).
+    other = make_dry_run("ui", {"ALIGNMENT_RUNS_DIR": "/shared/runs"}, "TRACKING_URI=sqlite:////elsewhere/mlflow.db")
+    assert "--backend-store-uri sqlite:////elsewhere/mlflow.db --host" in other
 
 
 def test_ui_of_a_tracking_server_says_to_open_the_server():
