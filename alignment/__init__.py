@@ -15,3 +15,18 @@ CONF_DIR = PROJECT_ROOT / "conf"
 
 if not OmegaConf.has_resolver("project_root"):
     OmegaConf.register_new_resolver("project_root", lambda: str(PROJECT_ROOT))
+
+
+def _slurm_tasks(devices) -> int:
+    """conf/hydra/launcher/slurm.yaml: one SLURM task per device, so the device count must be a number."""
+    if isinstance(devices, bool) or not isinstance(devices, int) or devices < 1:
+        raise ValueError(f"hydra/launcher=slurm starts one task per device: give trainer.devices as a number of "
+                         f"devices per node (e.g. trainer.devices=4), not {devices!r}")
+    return devices
+
+
+if not OmegaConf.has_resolver("slurm_tasks"):
+    OmegaConf.register_new_resolver("slurm_tasks", _slurm_tasks)
+    # A CPU trainer asks for no GPU (null: submitit then leaves --gpus-per-node out of the batch script).
+    OmegaConf.register_new_resolver("slurm_gpus", lambda accelerator, devices:
+                                    None if accelerator == "cpu" else _slurm_tasks(devices))

@@ -70,7 +70,8 @@ def evaluate_run(cfg: DictConfig) -> list[dict]:
     logger.finalize("success")
     out = Path(HydraConfig.get().runtime.output_dir)
     (out / "eval_table.txt").write_text(table + "\n")
-    print(f"\nLogged to MLflow run {logger.run_id}; table in {out / 'eval_table.txt'}")
+    print(f"\nLogged to MLflow run {logger.run_id}; table in {out / 'eval_table.txt'}\n"
+          + tracking.ui_links(cfg.logger.tracking_uri, logger.experiment_id, logger.run_id))
     return result.rows
 
 

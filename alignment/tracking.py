@@ -9,13 +9,15 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shlex
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
+from urllib.parse import urlencode, urlparse
 
 import mlflow
 from mlflow.entities import Metric
@@ -47,6 +49,7 @@ class MLflowSweepCallback(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         client = mlflow.MlflowClient(self.tracking_uri)
         experiment_id = ensure_experiment(client, self.experiment_name, self.artifact_location)
+        describe_experiment(client, experiment_id)
         overrides = " ".join(command_line_overrides(config.hydra.overrides.task))
         run = client.create_run(experiment_id, run_name=f"sweep {Path(config.hydra.sweep.dir).name}",
                                 tags={"sweep.overrides": overrides, "sweep.dir": str(config.hydra.sweep.dir)})
@@ -63,7 +66,14 @@ class MLflowSweepCallback(Callback):
         if path.exists():  # the comparison report of the sweep's jobs, printed and logged to the parent run
             from alignment.report import sweep_report
 
-            sweep_report(self.tracking_uri, path.read_text().strip(), Path(config.hydra.sweep.dir) / "report")
+            parent_id = path.read_text().strip()
+            sweep_report(self.tracking_uri, parent_id, Path(config.hydra.sweep.dir) / "report")
+            client = mlflow.MlflowClient(self.tracking_uri)
+            experiment_id = client.get_run(parent_id).info.experiment_id
+            jobs = client.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'",
+                                      order_by=["attributes.start_time ASC"])
+            print(f"\nSweep: MLflow parent run {parent_id}, {len(jobs)} jobs\n"
+                  + ui_links(self.tracking_uri, experiment_id, parent_id, [job.info.run_id for job in jobs]))
 
     def _terminate(self, config: DictConfig, status: str) -> None:
         path = Path(config.hydra.sweep.dir) / PARENT_FILE
@@ -183,6 +193,13 @@ def run_tags(cfg: DictConfig) -> dict[str, str]:
     return tags
 
 
+def reproduce_command() -> str | None:
+    """The command line that runs this job again, `python -m alignment <its overrides>` (None outside Hydra)."""
+    if not HydraConfig.initialized():
+        return None
+    return "python -m alignment " + shlex.join(command_line_overrides(HydraConfig.get().overrides.task))
+
+
 def git_commit() -> str | None:
     try:
         return subprocess.run(["git", "-C", str(PROJECT_ROOT), "rev-parse", "HEAD"], capture_output=True,
@@ -193,14 +210,17 @@ def git_commit() -> str | None:
 
 def log_setup(logger, cfg: DictConfig, data_meta: dict) -> None:
     """Before training: the resolved config (params are truncated to 250 characters by MLflow,
-    the artifact is not), the flattened config as params, and the dataset statistics."""
+    the artifact is not), the flattened config as params, the dataset statistics, the installed packages
+    (environment.txt), and the experiment's description."""
     client, run_id = logger.experiment, logger.run_id
     flat = flatten(OmegaConf.to_container(cfg, resolve=True))
     logger.log_hyperparams(flat)
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
         (Path(tmp) / "dataset.json").write_text(json.dumps(data_meta, indent=2, default=str))
+        (Path(tmp) / "environment.txt").write_text(environment())
         client.log_artifacts(run_id, tmp)
+    describe_experiment(client, logger.experiment_id)
     for key, value in data_meta["stats"].items():
         if isinstance(value, (int, float)):
             client.log_metric(run_id, f"data/{key}", float(value))
@@ -241,11 +261,114 @@ def log_evaluation(logger, rows: list[dict], samples: list[dict], capability: di
         client.log_table(run_id, data=pd.DataFrame(samples), artifact_file="eval/samples.json")
 
 
+def summary_metrics(rows: list[dict], task, trained: dict[str, float]) -> dict[str, float]:
+    """The headline numbers, under `summary/` so the runs table and the compare view line them up (g = 1 rows):
+    joint misalignment under the aligned tokens (`none` for an untagged run, as in alignment.report) and
+    unconditioned; the share of each level under its own token (does each token steer?); the LM loss on untagged
+    text (val/loss when nothing is tagged: then all text is untagged); distinct-2 of the unconditioned samples."""
+    by_name = {row["combination"]: row for row in rows if row["guidance"] == 1.0}
+    aligned = task.combination_name({a: task.attributes[a].aligned_level for a in task.tagged}) if task.tagged \
+        else "none"
+    wanted = {"summary/aligned_misaligned": (aligned, "joint/misaligned"),
+              "summary/unconditioned_misaligned": ("none", "joint/misaligned"),
+              "summary/distinct_2": ("none", "distinct_2")}
+    for name in task.tagged:
+        for level in task.attributes[name].level_names:
+            wanted[f"summary/{level}_under_{level}"] = (level, f"{name}/share_{level}")
+    out = {key: float(by_name[combo][field]) for key, (combo, field) in wanted.items()
+           if field in by_name.get(combo, {}) and by_name[combo][field] == by_name[combo][field]}  # no NaN
+    loss = trained.get("val/loss_untagged", trained.get("val/loss") if not task.tagged else None)
+    if loss is not None:
+        out["summary/val_loss_untagged"] = float(loss)
+    return out
+
+
+def log_summary(logger, values: dict[str, float]) -> None:
+    now = int(time.time() * 1000)
+    logger.experiment.log_batch(logger.run_id, metrics=[Metric(k, v, now, 0) for k, v in values.items()])
+
+
+def environment() -> str:
+    """Python, platform and every installed distribution with its version (`pip freeze`'s content, without
+    starting pip), so a run says what it ran on."""
+    import platform
+    from importlib import metadata
+
+    packages = sorted({f"{d.metadata['Name']}=={d.version}" for d in metadata.distributions() if d.metadata['Name']},
+                      key=str.lower)
+    return f"# python {platform.python_version()} on {platform.platform()}\n" + "\n".join(packages) + "\n"
+
+
+EXPERIMENT_NOTE = """Language models trained with control tokens by the `alignment` project.
+One run per training job; a sweep (`python -m alignment -m ...`) groups its jobs under a parent run `sweep <time>`
+whose artifacts hold the comparison report.
+
+Columns worth adding to the runs table: the metrics `summary/*` (joint misalignment under the aligned tokens and
+unconditioned, each level's share under its own token, the untagged LM loss, distinct-2) and the tags `task`,
+`objective`, `model`, `seed`; the tag `overrides` is the command line that reproduces a run.
+"""
+
+
+def describe_experiment(client: mlflow.MlflowClient, experiment_id: str) -> None:
+    """The experiment's description in the UI (`mlflow.note.content`), unless someone already wrote one."""
+    if "mlflow.note.content" not in client.get_experiment(experiment_id).tags:
+        client.set_experiment_tag(experiment_id, "mlflow.note.content", EXPERIMENT_NOTE)
+
+
 def log_model_dir(logger, model_dir: Path) -> None:
     logger.experiment.log_artifacts(logger.run_id, str(model_dir), artifact_path="model")
 
 
+def log_mlflow_model(logger, model_dir: Path) -> None:
+    """The saved folder again as an MLflow Transformers model (artifact `hf_model`): `mlflow.register_model(
+    "runs:/<run id>/hf_model", name)` registers it, `mlflow.pyfunc.load_model` (what `mlflow models serve` runs)
+    samples from it with the saved generation defaults. Its requirements are given, not inferred (inference would
+    load the model once more in a subprocess); torch without its build suffix (+cpu)."""
+    from importlib import metadata
+
+    import mlflow.transformers
+    from transformers import pipeline
+
+    requirements = [f"{name}=={metadata.version(name).split('+')[0]}"
+                    for name in ("transformers", "tokenizers", "safetensors", "torch")]
+    with tempfile.TemporaryDirectory() as tmp:
+        mlflow.transformers.save_model(pipeline("text-generation", model=str(model_dir)), str(Path(tmp) / "hf_model"),
+                                       pip_requirements=requirements)
+        logger.experiment.log_artifacts(logger.run_id, str(Path(tmp) / "hf_model"), artifact_path="hf_model")
+
+
+#: The port `make ui` serves on (its PORT variable) and the address the printed links use for a local store.
+UI_PORT = 5000
+
+
 def ui_command(tracking_uri: str) -> str:
-    if tracking_uri.startswith("sqlite:") or tracking_uri.startswith("file:") or "://" not in tracking_uri:
-        return f"mlflow ui --backend-store-uri {tracking_uri}   (or: make ui)"
-    return f"open {tracking_uri} in a browser"
+    if not _is_local(tracking_uri):
+        return f"open {tracking_uri} in a browser"
+    # `make ui` opens the store of ALIGNMENT_RUNS_DIR / MLFLOW_TRACKING_URI, as conf/paths/default.yaml does.
+    runs_dir = os.environ.get("ALIGNMENT_RUNS_DIR", str(PROJECT_ROOT / "runs"))
+    default = os.environ.get("MLFLOW_TRACKING_URI", f"sqlite:///{runs_dir}/mlflow.db")
+    make = "make ui" if tracking_uri == default else f"make ui TRACKING_URI={tracking_uri}"
+    return f"{make}   (or: mlflow ui --backend-store-uri {tracking_uri} --port {UI_PORT})"
+
+
+def _is_local(tracking_uri: str) -> bool:
+    return urlparse(tracking_uri).scheme in ("sqlite", "file", "")
+
+
+def ui_links(tracking_uri: str, experiment_id: str, run_id: str | None = None, compare: Sequence[str] = ()) -> str:
+    """Where to look in the MLflow UI: the run's page, the experiment's runs table, the compare page of `compare`.
+    A local store has no server: the links point where `make ui` serves it."""
+    if _is_local(tracking_uri):
+        base, lines = f"http://127.0.0.1:{UI_PORT}", [f"MLflow UI: {ui_command(tracking_uri)}, then open"]
+    elif urlparse(tracking_uri).scheme in ("http", "https"):
+        base, lines = tracking_uri.rstrip("/"), ["MLflow UI:"]
+    else:  # e.g. databricks: its own addresses
+        return f"MLflow: run {run_id} in experiment {experiment_id} of {tracking_uri}"
+    experiment = f"{base}/#/experiments/{experiment_id}"
+    if run_id:
+        lines.append(f"  this run:   {experiment}/runs/{run_id}")
+    lines.append(f"  runs table: {experiment}/runs")
+    if compare:
+        query = urlencode({"runs": json.dumps(list(compare)), "experiments": json.dumps([experiment_id])})
+        lines.append(f"  compare:    {base}/#/compare-runs?{query}")
+    return "\n".join(lines)

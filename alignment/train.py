@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+from functools import partial
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -18,7 +19,8 @@ from alignment import tracking
 from alignment.data.tagging import Task
 from alignment.evaluation.callback import AlignmentCurve
 from alignment.evaluation.evaluator import describe_effects, evaluate, format_table
-from alignment.model import build_model, count_parameters, resize_with_mean_init, save_model
+from alignment.model import build_model, count_parameters, resize_with_mean_init, save_model, set_generation_defaults
+from alignment.model_card import model_card
 
 log = logging.getLogger(__name__)
 TABLE_TITLE = ("Misaligned % of generated sentences (level contradicts the conditioning; a free attribute is judged "
@@ -83,7 +85,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
     if not trainer.is_global_zero:
         return {}  # other DDP ranks stop here; rank 0 saves and evaluates
 
-    results: dict[str, float] = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+    results = _scalars(trainer)
     try:
         results.update(save_and_evaluate(cfg, trainer, logger, model, tokenizer, task, datamodule, output_dir))
     except BaseException:
@@ -91,22 +93,29 @@ def run(cfg: DictConfig) -> dict[str, float]:
         logger.experiment.set_terminated(logger.run_id, "FAILED")
         raise
     logger.finalize("success")
-    print(f"\nOutputs: {output_dir}\nMLflow run: {logger.run_id} in experiment '{cfg.logger.experiment_name}'"
-          f"\nOpen it: {tracking.ui_command(cfg.logger.tracking_uri)}")
+    print(f"\nOutputs: {output_dir}\nMLflow run: {logger.run_id} in experiment '{cfg.logger.experiment_name}'\n"
+          + tracking.ui_links(cfg.logger.tracking_uri, logger.experiment_id, logger.run_id))
     return results
 
 
 def save_and_evaluate(cfg, trainer, logger, model, tokenizer, task, datamodule, output_dir: Path) -> dict[str, float]:
     """After training, on global rank 0: save the model, evaluate it, log and print the results."""
     results: dict[str, float] = {}
+    card = partial(model_card, cfg, task, datamodule.meta, steps=trainer.global_step,
+                   parameters=count_parameters(model), eos_token=tokenizer.eos_token,
+                   command=tracking.reproduce_command())
     if cfg.save_model:
-        model_dir = save_model(model, tokenizer, output_dir / "model")
-        tracking.log_model_dir(logger, model_dir)
+        set_generation_defaults(model, tokenizer.convert_tokens_to_ids(task.control_tokens), cfg.eval.sampling)
+        model_dir = save_model(model, tokenizer, output_dir / "model", card=card(metrics=_scalars(trainer)))
+        tracking.log_model_dir(logger, model_dir)  # now, so that a failed evaluation still leaves the model
+        if cfg.log_mlflow_model:
+            tracking.log_mlflow_model(logger, model_dir)
         log.info("Saved model and tokenizer to %s", model_dir)
     if cfg.evaluate:
         model.to(trainer.strategy.root_device).eval()  # Lightning moves the module back to CPU after fit
         evaluation = evaluate(model, tokenizer, task, cfg.eval, datamodule.val_sentences())
         tracking.log_evaluation(logger, evaluation.rows, evaluation.samples, evaluation.capability)
+        tracking.log_summary(logger, tracking.summary_metrics(evaluation.rows, task, _scalars(trainer)))
         table = format_table(evaluation.rows, task)
         effects = describe_effects(evaluation.rows, task)
         (output_dir / "eval_table.txt").write_text(table + "\n\n" + effects + "\n")
@@ -118,4 +127,11 @@ def save_and_evaluate(cfg, trainer, logger, model, tokenizer, task, datamodule, 
             if row["guidance"] == 1.0:
                 results.update({f"eval/{row['combination']}/{k}": v for k, v in row.items()
                                 if isinstance(v, (int, float)) and k != "guidance"})
+        if cfg.save_model:  # the card again, now with the evaluation table
+            (model_dir / "README.md").write_text(card(metrics=_scalars(trainer), eval_table=f"{table}\n\n{effects}"))
+            logger.experiment.log_artifact(logger.run_id, str(model_dir / "README.md"), artifact_path="model")
     return results
+
+
+def _scalars(trainer) -> dict[str, float]:
+    return {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}

@@ -1,6 +1,7 @@
 """Shared fixtures: compose the real configs with Hydra's compose API and shrink them."""
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 
@@ -31,6 +32,7 @@ TINY = [
     "eval.num_samples=4",
     "eval.sampling.max_new_tokens=8",
     "eval.sampling.min_new_tokens=2",
+    "log_mlflow_model=false",  # 8 s each; test_pipeline's end-to-end test logs one
 ]
 
 
@@ -42,6 +44,16 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.get_closest_marker("slow") and not item.get_closest_marker("timeout"):
             item.add_marker(pytest.mark.timeout(SLOW_TEST_TIMEOUT))
+
+def _missing(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is None
+    except ModuleNotFoundError:  # its parent package (here the hydra_plugins namespace) is absent too
+        return True
+
+
+#: The optional cluster launcher (`pip install -e '.[slurm]'`).
+SUBMITIT_MISSING = _missing("hydra_plugins.hydra_submitit_launcher")
 
 
 @pytest.fixture(scope="session")

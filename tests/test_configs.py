@@ -5,11 +5,13 @@ import subprocess
 import sys
 
 import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
 from alignment import CONF_DIR
-from tests.conftest import compose_config
+from tests.conftest import SUBMITIT_MISSING, compose_config
 
 GROUPS = ["task", "objective", "model", "data", "eval", "trainer", "logger", "callbacks", "paths", "experiment", "debug"]
 OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((CONF_DIR / g).glob("*.yaml"))]
@@ -46,6 +48,21 @@ def test_cli_help_lists_every_group():
     assert out.returncode == 0, out.stderr
     for group, option in OPTIONS:
         assert group in out.stdout and option in out.stdout
+    assert out.stdout.startswith("alignment is powered by Hydra.\nUsage: python -m alignment ")
+    assert "`attribute` and `scorer` are not top-level choices: they are sub-groups of a task" in out.stdout
+    assert "attribute@task.attributes.sentiment=sentiment_study_b" in out.stdout
+
+
+def test_apps_are_named_after_their_module(runs_dir, tmp_path):
+    """The job's name (log file <name>.log, --help header, SLURM job name) is the module a user runs."""
+    for config_name, name in (("config", "alignment"), ("evaluate", "alignment.evaluate")):
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            cfg = compose(config_name=config_name, overrides=["run=x"] if config_name == "evaluate" else [],
+                          return_hydra_config=True)
+        assert cfg.hydra.job.name == name
+        logging = OmegaConf.to_container(cfg.hydra.job_logging, resolve=False)
+        assert logging["handlers"]["file"]["filename"].endswith("/${hydra.job.name}.log")
 
 
 def test_cli_bad_override_message():
@@ -53,3 +70,25 @@ def test_cli_bad_override_message():
                          timeout=120)
     assert out.returncode != 0
     assert "Could not find 'objective/nope'" in out.stderr and "Available options" in out.stderr
+
+
+def slurm_launcher(*overrides: str) -> dict:
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=["hydra/launcher=slurm", *overrides], return_hydra_config=True)
+    return OmegaConf.to_container(cfg.hydra.launcher, resolve=True)
+
+
+@pytest.mark.skipif(SUBMITIT_MISSING, reason="hydra-submitit-launcher is not installed (pip install -e '.[slurm]')")
+def test_slurm_preset_asks_for_one_task_per_device(runs_dir):
+    launcher = slurm_launcher("trainer=ddp", "trainer.devices=4")
+    assert launcher["_target_"].endswith("SlurmLauncher")
+    assert (launcher["gpus_per_node"], launcher["tasks_per_node"], launcher["nodes"]) == (4, 4, 1)
+    assert (launcher["cpus_per_task"], launcher["mem_gb"], launcher["timeout_min"], launcher["name"]) == (
+        8, 32, 720, "alignment")
+    assert launcher["setup"][1:] == [f"export ALIGNMENT_RUNS_DIR={runs_dir}",
+                                     f"export MLFLOW_TRACKING_URI=sqlite:///{runs_dir}/mlflow.db"]
+    cpu = slurm_launcher()  # trainer=cpu: one task, no GPU requested
+    assert (cpu["gpus_per_node"], cpu["tasks_per_node"]) == (None, 1)
+    with pytest.raises(Exception, match=r"give trainer.devices as a number .* not -1"):
+        slurm_launcher("trainer=ddp")  # devices -1 (every GPU): unknown to SLURM

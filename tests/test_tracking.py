@@ -1,0 +1,69 @@
+"""What a run tells its user about MLflow: the UI links, the `summary/` headline metrics, the environment."""
+from __future__ import annotations
+
+from importlib import metadata
+from urllib.parse import parse_qs, urlsplit
+
+import numpy as np
+
+from alignment.data.tagging import Attribute, Task
+from alignment.tracking import environment, summary_metrics, ui_links
+
+
+def test_links_for_a_local_store_point_where_make_ui_serves(runs_dir):  # runs_dir: ALIGNMENT_RUNS_DIR is set
+    links = ui_links(f"sqlite:///{runs_dir}/mlflow.db", "3", "abc123").splitlines()
+    assert links == [
+        f"MLflow UI: make ui   (or: mlflow ui --backend-store-uri sqlite:///{runs_dir}/mlflow.db --port 5000), "
+        "then open",
+        "  this run:   http://127.0.0.1:5000/#/experiments/3/runs/abc123",
+        "  runs table: http://127.0.0.1:5000/#/experiments/3/runs"]
+    # Another store than ALIGNMENT_RUNS_DIR's (logger.tracking_uri=...): make ui must be told.
+    assert ui_links("sqlite:////elsewhere/mlflow.db", "3").startswith(
+        "MLflow UI: make ui TRACKING_URI=sqlite:////elsewhere/mlflow.db   (or: mlflow ui ")
+
+
+def test_links_for_a_server_use_its_address_and_compare_the_sweep():
+    links = ui_links("http://tracking:5000/", "7", "parent", ["a1", "b2"]).splitlines()
+    assert links[:3] == ["MLflow UI:", "  this run:   http://tracking:5000/#/experiments/7/runs/parent",
+                         "  runs table: http://tracking:5000/#/experiments/7/runs"]
+    compare = links[3].removeprefix("  compare:    ")
+    assert compare.startswith("http://tracking:5000/#/compare-runs?") and '"' not in compare  # clickable as printed
+    # The query the UI's compare page reads (MLflow's getCompareRunPageRoute: JSON lists).
+    assert parse_qs(urlsplit(compare.replace("#/", "")).query) == {"runs": ['["a1", "b2"]'], "experiments": ['["7"]']}
+
+
+def two_attribute_task(tagged: list[str]) -> Task:
+    toxicity = Attribute("toxicity", None, [0.2], ["<|nontoxic|>", "<|toxic|>"], "<|nontoxic|>")
+    sentiment = Attribute("sentiment", None, [-0.05, 0.05], ["<|neg|>", "<|neu|>", "<|pos|>"], "<|pos|>")
+    return Task("toxsen", {"toxicity": toxicity, "sentiment": sentiment}, tagged)
+
+
+def row(combination: str, guidance: float = 1.0, **values) -> dict:
+    return {"combination": combination, "guidance": guidance, **{k.replace("__", "/"): v for k, v in values.items()}}
+
+
+def test_summary_picks_the_headline_rows():
+    rows = [row("none", joint__misaligned=0.8, distinct_2=0.9, toxicity__share_toxic=0.05),
+            row("untagged", joint__misaligned=0.7),
+            row("nontoxic", toxicity__share_nontoxic=0.97), row("toxic", toxicity__share_toxic=0.3),
+            row("neg", sentiment__share_neg=0.4), row("neu", sentiment__share_neu=np.nan),  # no sentence: NaN
+            row("pos", sentiment__share_pos=0.35),
+            row("nontoxic-pos", joint__misaligned=0.6), row("nontoxic-pos", 2.0, joint__misaligned=0.5)]
+    trained = {"val/loss": 4.1, "val/loss_untagged": 4.3, "train/loss": 4.0}
+    assert summary_metrics(rows, two_attribute_task(["toxicity", "sentiment"]), trained) == {
+        "summary/aligned_misaligned": 0.6, "summary/unconditioned_misaligned": 0.8, "summary/distinct_2": 0.9,
+        "summary/nontoxic_under_nontoxic": 0.97, "summary/toxic_under_toxic": 0.3,
+        "summary/neg_under_neg": 0.4, "summary/pos_under_pos": 0.35, "summary/val_loss_untagged": 4.3}
+
+
+def test_summary_of_an_untagged_run_reads_none_and_its_plain_loss():
+    rows = [row("none", joint__misaligned=0.75, distinct_2=0.8)]
+    assert summary_metrics(rows, two_attribute_task([]), {"val/loss": 4.5}) == {
+        "summary/aligned_misaligned": 0.75, "summary/unconditioned_misaligned": 0.75, "summary/distinct_2": 0.8,
+        "summary/val_loss_untagged": 4.5}
+
+
+def test_environment_lists_the_installed_versions():
+    lines = environment().splitlines()
+    assert lines[0].startswith("# python 3.")
+    assert f"torch=={metadata.version('torch')}" in lines and f"mlflow=={metadata.version('mlflow')}" in lines
