@@ -40,7 +40,7 @@ test-all: $(STAMP)  ## every test
 	$(BIN)/python -m pytest -q $(ARGS)
 
 bench: $(STAMP)  ## speed/memory ratios measured side by side in one run
-	$(BIN)/python -m alignment.bench $(ARGS)
+	$(BIN)/python -m benchmarks.bench $(ARGS)
 
 ui: $(STAMP)  ## open the MLflow UI on the project's store (http://127.0.0.1:5000)
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/runs/mlflow.db --host 127.0.0.1 --port 5000
