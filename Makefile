@@ -10,7 +10,7 @@ TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run grid test test-all test-slow bench ui report clean-cache setup-smollm help
+.PHONY: setup run grid test test-all test-slow lint bench ui report clean-cache setup-smollm help
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
@@ -38,6 +38,9 @@ test-slow: $(STAMP)  ## only the slow tests (DDP, full pipeline, sweeps)
 
 test-all: $(STAMP)  ## every test
 	$(BIN)/python -m pytest -q $(ARGS)
+
+lint: $(STAMP)  ## ruff on the code and tests (settings in pyproject.toml)
+	$(BIN)/ruff check alignment benchmarks tests
 
 bench: $(STAMP)  ## speed/memory ratios measured side by side in one run
 	$(BIN)/python -m benchmarks.bench $(ARGS)
