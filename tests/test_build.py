@@ -10,7 +10,7 @@ from hydra.utils import instantiate
 
 from alignment.data.build import Split
 from alignment.data.sentences import split_sentences
-from alignment.data.tagging import Task
+from alignment.task import Task
 from tests.conftest import compose_config
 
 POSITIVE = ["I love this wonderful sunny day.", "What a great and happy morning it is.",

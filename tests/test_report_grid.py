@@ -8,7 +8,7 @@ import mlflow
 import pytest
 
 from alignment import tracking
-from alignment.data.tagging import Task
+from alignment.task import Task
 from alignment.evaluation.evaluator import Conditioning, score_outputs
 from alignment.report.__main__ import main
 from tests.conftest import compose_config

@@ -72,7 +72,7 @@ def aligned_combination(params: dict[str, str], combinations: set[str]) -> str:
         tagged = None
     if tagged is not None:
         if params.get("objective/tagging") == "False" or not tagged:
-            return "none"  # alignment.train.build_task: untagged objectives are evaluated without tokens
+            return "none"  # Task.as_trained: untagged objectives are evaluated without tokens
         return "-".join(params.get(f"task/attributes/{a}/aligned", "?").strip("<|>") for a in tagged)
     named = [c for c in combinations if c != "none" and set(c.split("-")) <= ALIGNED_NAMES]
     return max(named, key=lambda c: c.count("-"), default="none")
