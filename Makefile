@@ -15,7 +15,7 @@ TRACKING_URI ?= $(or $(MLFLOW_TRACKING_URI),sqlite:///$(RUNS_DIR)/mlflow.db)
 PORT ?= 5000
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run grid test test-all test-slow bench ui report clean-cache setup-smollm help
+.PHONY: setup run grid test test-all test-slow lint bench ui report clean-cache setup-smollm help
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
@@ -44,8 +44,11 @@ test-slow: $(STAMP)  ## only the slow tests (DDP, full pipeline, sweeps)
 test-all: $(STAMP)  ## every test
 	$(BIN)/python -m pytest -q $(ARGS)
 
+lint: $(STAMP)  ## ruff on the code and tests (settings in pyproject.toml)
+	$(BIN)/ruff check alignment benchmarks tests
+
 bench: $(STAMP)  ## speed/memory ratios measured side by side in one run
-	$(BIN)/python -m alignment.bench $(ARGS)
+	$(BIN)/python -m benchmarks.bench $(ARGS)
 
 ui: $(STAMP)  ## the MLflow UI of the project's store on http://127.0.0.1:5000 (PORT=...); a tracking server is its own UI
 	@case "$(TRACKING_URI)" in \

@@ -37,7 +37,8 @@ def locate_run(run: str, tracking_uri: str) -> tuple[Path, str | None]:
 
 def evaluate_run(cfg: DictConfig) -> list[dict]:
     from alignment.evaluation.evaluator import describe_effects, evaluate, format_table
-    from alignment.train import TABLE_TITLE, build_task
+    from alignment.task import Task
+    from alignment.train import TABLE_TITLE
 
     folder, run_id = locate_run(str(cfg.run), cfg.logger.tracking_uri)
     missing = [name for name in ("model", "config.yaml", "dataset.json") if not (folder / name).exists()]
@@ -45,7 +46,7 @@ def evaluate_run(cfg: DictConfig) -> list[dict]:
         raise SystemExit(f"{folder} lacks {missing}: evaluate a run trained with save_model=true")
     trained = OmegaConf.load(folder / "config.yaml")
     meta = json.loads((folder / "dataset.json").read_text())
-    task = build_task(trained, meta)
+    task = Task.from_config(trained.task).as_trained(meta, trained.objective.tagging)
     tokenizer = AutoTokenizer.from_pretrained(folder / "model")
     model = AutoModelForCausalLM.from_pretrained(folder / "model").eval()
     val_sentences = []

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from omegaconf import DictConfig, OmegaConf
 
-from alignment.data.tagging import Task
+from alignment.task import Task
 from alignment.model import GENERATION_KEYS
 
 

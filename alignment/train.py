@@ -16,7 +16,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from alignment import tracking
-from alignment.data.tagging import Task
+from alignment.task import Task
 from alignment.evaluation.callback import AlignmentCurve
 from alignment.evaluation.evaluator import describe_effects, evaluate, format_table
 from alignment.model import build_model, count_parameters, resize_with_mean_init, save_model, set_generation_defaults
@@ -37,18 +37,6 @@ def build_objective(loss_cfg: DictConfig, datamodule):
     return instantiate(loss_cfg, **overrides)
 
 
-def build_task(cfg: DictConfig, data_meta: dict) -> Task:
-    """The task as trained: resolved thresholds, and no tagged attribute unless the objective tagged."""
-    task = Task.from_config(cfg.task)
-    for name, thresholds in data_meta["thresholds"].items():
-        task.attributes[name].thresholds = thresholds
-    if not cfg.objective.tagging:
-        task.tagged = []
-    task.level_counts = {tuple(int(level) for level in key.split("-")): count
-                         for key, count in data_meta.get("level_counts", {}).items()}
-    return task
-
-
 def run(cfg: DictConfig) -> dict[str, float]:
     """Run one experiment; return its final metrics (for sweepers)."""
     pl.seed_everything(cfg.seed, workers=True)
@@ -64,7 +52,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
                           noise_std=cfg.model.noise_std, seed=cfg.seed)
     objective = build_objective(cfg.objective.loss, datamodule)
     module = instantiate(cfg.module, model=model, objective=objective)
-    task = build_task(cfg, meta)
+    task = Task.from_config(cfg.task).as_trained(meta, cfg.objective.tagging)
 
     logger = instantiate(cfg.logger, tags=tracking.run_tags(cfg))
     callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None and "_target_" in c]

@@ -10,7 +10,7 @@ from hydra.utils import instantiate
 
 from alignment.data.build import Split, _document_levels
 from alignment.data.sentences import split_sentences
-from alignment.data.tagging import Task
+from alignment.task import Task
 from tests.conftest import compose_config
 
 # Known sentences and the tags their scores give (BiLSTM toxic above 0.2; VADER compound below -0.05 negative,

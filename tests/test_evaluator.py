@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
-from alignment.data.tagging import Task
+from alignment.task import Task
 from alignment.evaluation.evaluator import (Conditioning, build_prompts, conditionings, describe_effects,
                                             format_table, prompt_texts, score_outputs)
 from alignment.evaluation.intervals import share_interval

@@ -10,7 +10,8 @@ import pytest
 from mlflow.entities import Metric, Param, RunTag
 
 from alignment import tracking
-from alignment.report import aligned_combination, main, misalignment, pareto_front
+from alignment.report import aligned_combination, misalignment, pareto_front
+from alignment.report.__main__ import main
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 TOXSEN_PARAMS = {"task/tagged": "['toxicity', 'sentiment']", "task/attributes/toxicity/aligned": "<|nontoxic|>",

@@ -8,9 +8,9 @@ import mlflow
 import pytest
 
 from alignment import tracking
-from alignment.data.tagging import Task
+from alignment.task import Task
 from alignment.evaluation.evaluator import Conditioning, score_outputs
-from alignment.report import main
+from alignment.report.__main__ import main
 from tests.conftest import compose_config
 
 POS, NEU, INSULT = "Great day.", "The flight leaves at noon.", "You are a stupid idiot."  # VADER / BiLSTM: known

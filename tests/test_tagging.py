@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from alignment.data.tagging import Attribute, Task, resolve_threshold
+from alignment.task import Attribute, Task, resolve_threshold
 from alignment.scorers.vader import Vader
 from tests.conftest import compose_config
 

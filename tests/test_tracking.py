@@ -6,7 +6,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import numpy as np
 
-from alignment.data.tagging import Attribute, Task
+from alignment.task import Attribute, Task
 from alignment.tracking import environment, summary_metrics, ui_links
 
 

@@ -20,7 +20,7 @@ import numpy as np
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from alignment.data.tagging import Task, resolve_threshold
+from alignment.task import Task, resolve_threshold
 from alignment.scorers.cache import ScoreCache, score_with_cache
 from alignment.tokenizer import add_control_tokens, load_tokenizer
 

@@ -15,7 +15,7 @@ from torch.utils.data.distributed import DistributedSampler
 from transformers import AutoTokenizer
 
 from alignment.data.build import Split, build
-from alignment.data.tagging import resolve_threshold
+from alignment.task import resolve_threshold
 
 
 class SequenceDataset(Dataset):

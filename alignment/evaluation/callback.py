@@ -7,7 +7,7 @@ import copy
 import pytorch_lightning as pl
 from omegaconf import DictConfig, open_dict
 
-from alignment.data.tagging import Task
+from alignment.task import Task
 from alignment.evaluation.evaluator import evaluate
 
 

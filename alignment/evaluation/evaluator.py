@@ -23,7 +23,7 @@ import numpy as np
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from alignment.data.sentences import split_sentences
-from alignment.data.tagging import Task
+from alignment.task import Task
 from alignment.evaluation import metrics
 from alignment.evaluation.capability import kl_from_reference
 from alignment.evaluation.intervals import difference_interval, share_interval

@@ -1,4 +1,4 @@
-"""Tagging: scores -> levels -> control tokens.
+"""The task: what is scored, how scores become levels and control tokens, and what evaluation asks for.
 
 A task is a list of *attributes* (toxicity, sentiment, PII, ...). Each attribute has a scorer,
 ascending thresholds that cut its scores into levels, and one control token per level. A task
@@ -122,6 +122,17 @@ class Task:
                    eval_unit=cfg.get("eval_unit", "sentence"),
                    threshold=OmegaConf.to_container(cfg.threshold) if isinstance(cfg.threshold, DictConfig)
                    else cfg.threshold)
+
+    def as_trained(self, meta: dict, tagging: bool) -> "Task":
+        """This task as a build trained it (`meta`: the build's dataset.json): its quantile thresholds resolved to
+        numbers, the training mix of tagged levels, and no tagged attribute unless the objective tagged."""
+        for name, thresholds in meta["thresholds"].items():
+            self.attributes[name].thresholds = thresholds
+        if not tagging:
+            self.tagged = []
+        self.level_counts = {tuple(int(level) for level in key.split("-")): count
+                             for key, count in meta.get("level_counts", {}).items()}
+        return self
 
     @property
     def control_tokens(self) -> list[str]:

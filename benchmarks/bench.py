@@ -1,6 +1,6 @@
 """Speed and memory of the project's choices, each measured against its alternative in the same run.
 
-    python -m alignment.bench [--quick] [--only NAME ...]        (or `make bench ARGS="--quick"`)
+    python -m benchmarks.bench [--quick] [--only NAME ...]        (or `make bench ARGS="--quick"`)
 
 Shared CPU machines are noisy, so absolute timings say little and timed tests would be flaky. Here every
 comparison runs its two sides interleaved (A, B, A, B, ... after one untimed warm-up of each) on the real offline
@@ -32,7 +32,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
+from alignment import CONF_DIR
 from alignment.data.datamodule import LengthGroupedSampler, collate
 from alignment.data.sentences import Sentencizer
 from alignment.data.sources import TweetsSource
@@ -41,13 +44,22 @@ from alignment.model import build_model
 from alignment.objectives import MLE
 from alignment.tokenizer import add_control_tokens, gpt2_tokenizer_offline, train_bpe
 
-# conf/model/small.yaml, the offline default model.
-SMALL_ARCH = {"n_layer": 4, "n_embd": 256, "n_head": 4, "n_positions": 128}
-BPE_VOCAB_SIZE = 8192
-# conf/config.yaml's AdamW.
-OPTIMIZER = {"lr": 1e-3, "weight_decay": 0.1, "betas": (0.9, 0.95)}
-# conf/trainer/cpu.yaml trains with bf16-mixed, so the comparisons that are not about precision use it too.
-TRAIN_BF16 = True
+
+
+def _default_config():
+    """The shipped default config (conf/config.yaml as `python -m alignment` composes it): the benchmark measures
+    that model, vocabulary, optimiser and precision, so it reads them rather than keeping copies."""
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name="config")
+
+
+_DEFAULT = _default_config()
+SMALL_ARCH = OmegaConf.to_container(_DEFAULT.model.arch)
+BPE_VOCAB_SIZE = _DEFAULT.model.tokenizer.vocab_size
+OPTIMIZER = {key: value for key, value in OmegaConf.to_container(_DEFAULT.module.optimizer).items()
+             if not key.startswith("_")}
+# The comparisons that are not about precision train as the default trainer does.
+TRAIN_BF16 = _DEFAULT.trainer.precision == "bf16-mixed"
 SEED = 0
 
 
@@ -461,7 +473,7 @@ def run(names: Sequence[str], sizes: Sizes) -> tuple[list[Row], list[str]]:
 
 
 def main(argv: Sequence[str] | None = None) -> list[Row]:
-    parser = argparse.ArgumentParser(prog="python -m alignment.bench", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes: seconds instead of minutes")
     parser.add_argument("--only", action="append", choices=list(BENCHMARKS), metavar="NAME",
                         help=f"run only this comparison (repeatable): {', '.join(BENCHMARKS)}")

@@ -1,0 +1,1 @@
+"""Benchmarks: speed and memory of the project's choices against their alternatives (`make bench`)."""
