@@ -15,5 +15,6 @@ def package_dir(package: str, install_hint: str = "`make setup`") -> Path:
     import_name = package.replace("-", "_")
     spec = importlib.util.find_spec(import_name)
     if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(f"package {package!r} is not installed; it ships data files we need: run {install_hint}")
+        raise ModuleNotFoundError(f"package {package!r} is not installed; it ships data files we need: "
+                                  f"run {install_hint}")
     return Path(next(iter(spec.submodule_search_locations)))

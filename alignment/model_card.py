@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from omegaconf import DictConfig, OmegaConf
 
-from alignment.task import Task
 from alignment.model import GENERATION_KEYS
+from alignment.task import Task
 
 
 def model_card(cfg: DictConfig, task: Task, meta: dict, *, steps: int, parameters: int, eos_token: str,

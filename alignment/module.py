@@ -36,7 +36,8 @@ def warmup_then_decay(optimizer, total_steps: int, warmup_steps: int = 100, deca
 
 
 class AlignmentModule(pl.LightningModule):
-    def __init__(self, model: torch.nn.Module, objective: Objective, optimizer: Callable, scheduler: Callable | None = None):
+    def __init__(self, model: torch.nn.Module, objective: Objective, optimizer: Callable,
+                 scheduler: Callable | None = None):
         super().__init__()
         self.model, self.objective = model, objective
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
@@ -65,7 +66,8 @@ class AlignmentModule(pl.LightningModule):
                                ignore_index=-100)
         # One loader means the validation text has no control tokens: its loss is also the untagged loss.
         single = len(self.trainer.num_val_batches) == 1
-        names = ["val/loss", "val/loss_untagged"] if single else ["val/loss" if dataloader_idx == 0 else "val/loss_untagged"]
+        names = (["val/loss", "val/loss_untagged"] if single
+                 else ["val/loss" if dataloader_idx == 0 else "val/loss_untagged"])
         for name in names:
             self.log(name, loss, sync_dist=True, add_dataloader_idx=False, prog_bar=name == "val/loss")
 

@@ -51,11 +51,13 @@ class Attribute:
                 f"attribute '{self.name}': {len(self.thresholds)} thresholds make {len(self.thresholds) + 1} levels, "
                 f"so it needs that many tokens; got {len(self.tokens)}: {self.tokens}")
         if self.aligned not in self.tokens:
-            raise ValueError(f"attribute '{self.name}': aligned={self.aligned!r} is not one of its tokens {self.tokens}")
+            raise ValueError(f"attribute '{self.name}': aligned={self.aligned!r} is not one of its tokens "
+                             f"{self.tokens}")
         if len(set(self.tokens)) != len(self.tokens):
             raise ValueError(f"attribute '{self.name}': tokens must be distinct, got {self.tokens}")
         if not 0.0 <= self.untagged_fraction <= 1.0:
-            raise ValueError(f"attribute '{self.name}': untagged_fraction must be in [0, 1], got {self.untagged_fraction}")
+            raise ValueError(f"attribute '{self.name}': untagged_fraction must be in [0, 1], "
+                             f"got {self.untagged_fraction}")
         self._check_order()
 
     def _check_order(self):

@@ -35,7 +35,9 @@ def pretrained_location(name_or_path: str | None, gguf_package: str | None) -> s
     package instead of a path)."""
     if (name_or_path is None) == (gguf_package is None):
         raise ValueError("a pretrained model needs exactly one of name_or_path (hub name or directory) or gguf_package")
-    return name_or_path if gguf_package is None else str(package_dir(gguf_package, "`make setup-smollm`" if "smollm" in gguf_package else "`make setup`"))
+    if gguf_package is None:
+        return name_or_path
+    return str(package_dir(gguf_package, "`make setup-smollm`" if "smollm" in gguf_package else "`make setup`"))
 
 
 def gpt2_tokenizer_offline() -> PreTrainedTokenizerFast:

@@ -20,11 +20,11 @@ from typing import Any
 from urllib.parse import urlencode, urlparse
 
 import mlflow
-from mlflow.entities import Metric
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
+from mlflow.entities import Metric
 from omegaconf import DictConfig, OmegaConf, read_write
 
 from alignment import PROJECT_ROOT
@@ -159,7 +159,8 @@ def mlflow_logger(tracking_uri: str, artifact_location: str | None = None, **kwa
     """Lightning's MLFlowLogger (same arguments), with the artifact location left to the server if there is one."""
     from pytorch_lightning.loggers import MLFlowLogger
 
-    return MLFlowLogger(tracking_uri=tracking_uri, artifact_location=artifact_location_for(tracking_uri, artifact_location),
+    return MLFlowLogger(tracking_uri=tracking_uri,
+                        artifact_location=artifact_location_for(tracking_uri, artifact_location),
                         **kwargs)
 
 
@@ -176,7 +177,8 @@ def ensure_experiment(client: mlflow.MlflowClient, name: str, artifact_location:
 def run_tags(cfg: DictConfig) -> dict[str, str]:
     """Tags that make runs findable: task, objective, model, data, the sweep parent, the git commit."""
     tags = {"task": cfg.task.name, "objective": cfg.objective.name, "seed": str(cfg.seed),
-            "model": HydraConfig.get().runtime.choices.get("model", "") if HydraConfig.initialized() else "", "data": str(cfg.data.source.get("_target_", "")).split(".")[-1]}
+            "model": HydraConfig.get().runtime.choices.get("model", "") if HydraConfig.initialized() else "",
+            "data": str(cfg.data.source.get("_target_", "")).split(".")[-1]}
     if HydraConfig.initialized():
         hc = HydraConfig.get()
         tags["output_dir"] = hc.runtime.output_dir

@@ -16,11 +16,11 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from alignment import tracking
-from alignment.task import Task
 from alignment.evaluation.callback import AlignmentCurve
 from alignment.evaluation.evaluator import describe_effects, evaluate, format_table
 from alignment.model import build_model, count_parameters, resize_with_mean_init, save_model, set_generation_defaults
 from alignment.model_card import model_card
+from alignment.task import Task
 
 log = logging.getLogger(__name__)
 TABLE_TITLE = ("Misaligned % of generated sentences (level contradicts the conditioning; a free attribute is judged "

@@ -45,7 +45,6 @@ from alignment.objectives import MLE
 from alignment.tokenizer import add_control_tokens, gpt2_tokenizer_offline, train_bpe
 
 
-
 def _default_config():
     """The shipped default config (conf/config.yaml as `python -m alignment` composes it): the benchmark measures
     that model, vocabulary, optimiser and precision, so it reads them rather than keeping copies."""

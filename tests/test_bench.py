@@ -10,9 +10,20 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from benchmarks.bench import (Row, format_number, format_table, greedy_without_cache, grouped_batches, interleaved,
-                             main, memory_measurable, padding_share, peak_rss_growth_mib, random_batches)
 from alignment.evaluation.sampling import sample
+from benchmarks.bench import (
+    Row,
+    format_number,
+    format_table,
+    greedy_without_cache,
+    grouped_batches,
+    interleaved,
+    main,
+    memory_measurable,
+    padding_share,
+    peak_rss_growth_mib,
+    random_batches,
+)
 
 EXPECTED_ROWS = [  # (start of the name, unit), in the printed order
     ("sampling", "tokens/s"),

@@ -44,7 +44,7 @@ def write_corpus(folder, n_docs=40):
 
 def datamodule(tmp_path, *extra):
     corpus = write_corpus(tmp_path)
-    cfg = compose_config([f"data=files", f"data.source.paths={corpus}", "data.sentences.dedupe=false",
+    cfg = compose_config(["data=files", f"data.source.paths={corpus}", "data.sentences.dedupe=false",
                           "data.val_fraction=0.2", "model.tokenizer.kind=gpt2_offline", "task.untagged_fraction=0",
                           "datamodule.progress=false", *extra], tmp_path / "out")
     dm = instantiate(cfg.datamodule)

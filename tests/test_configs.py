@@ -13,7 +13,8 @@ from omegaconf import OmegaConf
 from alignment import CONF_DIR
 from tests.conftest import SUBMITIT_MISSING, compose_config
 
-GROUPS = ["task", "objective", "model", "data", "eval", "trainer", "logger", "callbacks", "paths", "experiment", "debug"]
+GROUPS = ["task", "objective", "model", "data", "eval", "trainer", "logger", "callbacks", "paths", "experiment",
+          "debug"]
 OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((CONF_DIR / g).glob("*.yaml"))]
 # Options whose mandatory values (`???`) a user must give, with example values.
 REQUIRED = {("data", "hf"): ["data.source.name=some/dataset"], ("data", "files"): ["data.source.paths=/tmp/*.txt"],

@@ -8,10 +8,17 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
-from alignment.task import Task
-from alignment.evaluation.evaluator import (Conditioning, build_prompts, conditionings, describe_effects,
-                                            format_table, prompt_texts, score_outputs)
+from alignment.evaluation.evaluator import (
+    Conditioning,
+    build_prompts,
+    conditionings,
+    describe_effects,
+    format_table,
+    prompt_texts,
+    score_outputs,
+)
 from alignment.evaluation.intervals import share_interval
+from alignment.task import Task
 from alignment.tokenizer import add_control_tokens, gpt2_tokenizer_offline
 from tests.conftest import compose_config
 
@@ -25,7 +32,8 @@ ALIGNED = Conditioning("nontoxic-pos", {"toxicity": 0, "sentiment": 2}, "sample"
 
 @pytest.fixture(scope="module")
 def toxsen(runs_dir, tmp_path_factory) -> Task:
-    task = Task.from_config(compose_config(["task=toxsen", "task.attributes.toxicity.thresholds=[0.5]"], tmp_path_factory.mktemp("out")).task)
+    overrides = ["task=toxsen", "task.attributes.toxicity.thresholds=[0.5]"]
+    task = Task.from_config(compose_config(overrides, tmp_path_factory.mktemp("out")).task)
     # training units per (toxicity, sentiment) level: mostly nontoxic-neutral, no toxic-positive at all
     task.level_counts = {(0, 0): 20, (0, 1): 50, (0, 2): 30, (1, 0): 8, (1, 1): 2}
     return task

@@ -3,8 +3,14 @@ import math
 
 import pytest
 
-from alignment.evaluation.intervals import (Z95, design_effect, difference_interval, seed_interval, share_interval,
-                                            wilson)
+from alignment.evaluation.intervals import (
+    Z95,
+    design_effect,
+    difference_interval,
+    seed_interval,
+    share_interval,
+    wilson,
+)
 
 
 def test_wilson_at_zero_is_the_rule_of_three_like_bound():

@@ -3,8 +3,16 @@ import math
 
 import pytest
 
-from alignment.evaluation.metrics import (distinct_n, expected_max_score, joint_misaligned_share, mean_score,
-                                          misaligned_share, self_bleu, share_above, token_entropy)
+from alignment.evaluation.metrics import (
+    distinct_n,
+    expected_max_score,
+    joint_misaligned_share,
+    mean_score,
+    misaligned_share,
+    self_bleu,
+    share_above,
+    token_entropy,
+)
 
 
 def test_misaligned_share():

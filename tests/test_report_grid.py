@@ -8,9 +8,9 @@ import mlflow
 import pytest
 
 from alignment import tracking
-from alignment.task import Task
 from alignment.evaluation.evaluator import Conditioning, score_outputs
 from alignment.report.__main__ import main
+from alignment.task import Task
 from tests.conftest import compose_config
 
 POS, NEU, INSULT = "Great day.", "The flight leaves at noon.", "You are a stupid idiot."  # VADER / BiLSTM: known

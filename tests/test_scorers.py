@@ -16,8 +16,14 @@ import torch
 
 from alignment.scorers.base import Scorer
 from alignment.scorers.detoxify_scorer import Detoxify, DetoxifyUnavailableError
-from alignment.scorers.jigsaw_bilstm import (LABELS, JigsawBiLSTM, KerasWordTokenizer, _TokenizerUnpickler,
-                                             load_tokenizer, model_dir)
+from alignment.scorers.jigsaw_bilstm import (
+    LABELS,
+    JigsawBiLSTM,
+    KerasWordTokenizer,
+    _TokenizerUnpickler,
+    load_tokenizer,
+    model_dir,
+)
 from alignment.scorers.pep8 import Pycodestyle
 from alignment.scorers.pii import ScrubadubPII
 from alignment.scorers.profanity import ProfanityCheck

@@ -4,7 +4,6 @@ import pytest
 
 from alignment.data.sentences import Sentencizer, clean, split_code, split_sentences
 
-
 # ---------------------------------------------------------------------------------------------
 # clean
 

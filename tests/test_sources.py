@@ -15,8 +15,14 @@ from omegaconf import OmegaConf
 
 from alignment import CONF_DIR
 from alignment.data.sentences import Sentencizer
-from alignment.data.sources import (STUDY_B_EXCLUDED_PILE_SETS, FilesSource, HFSource, PileDetoxifySource,
-                                    PythonCodeSource, TweetsSource)
+from alignment.data.sources import (
+    STUDY_B_EXCLUDED_PILE_SETS,
+    FilesSource,
+    HFSource,
+    PileDetoxifySource,
+    PythonCodeSource,
+    TweetsSource,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -207,7 +213,8 @@ def test_data_configs_have_exactly_the_same_keys():
     assert {p.stem for p in DATA_CONFIGS} >= {"tweets", "pile_detoxify", "hf", "files", "python_code"}
     for path in DATA_CONFIGS:
         cfg = OmegaConf.load(path)
-        assert list(cfg) == ["source", "sentences", "val_fraction", "max_tokens", "seed", "layout", "block_size"], path.name
+        keys = ["source", "sentences", "val_fraction", "max_tokens", "seed", "layout", "block_size"]
+        assert list(cfg) == keys, path.name
         assert cfg.val_fraction == 0.05 and cfg.seed == 42, path.name
         assert cfg.sentences._target_ == "alignment.data.sentences.Sentencizer", path.name
     assert OmegaConf.missing_keys(OmegaConf.load(CONF_DIR / "data" / "hf.yaml")) == {"source.name"}

@@ -4,8 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from alignment.task import Attribute, Task, resolve_threshold
 from alignment.scorers.vader import Vader
+from alignment.task import Attribute, Task, resolve_threshold
 from tests.conftest import compose_config
 
 

@@ -20,8 +20,8 @@ import numpy as np
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from alignment.task import Task, resolve_threshold
 from alignment.scorers.cache import ScoreCache, score_with_cache
+from alignment.task import Task, resolve_threshold
 from alignment.tokenizer import add_control_tokens, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -134,7 +134,8 @@ def build(data: DictConfig, task_cfg: DictConfig, tagging: bool, filter_threshol
         if layout == "sentence":
             filtered = train_mask & (combined > resolved_filter)
         else:
-            doc_mean = np.bincount(doc_of, weights=combined, minlength=len(documents)) / np.bincount(doc_of, minlength=len(documents))
+            doc_mean = (np.bincount(doc_of, weights=combined, minlength=len(documents))
+                        / np.bincount(doc_of, minlength=len(documents)))
             keep_doc = is_val | (doc_mean <= resolved_filter)
         if not (keep_doc[doc_of] & ~filtered & train_mask).any():
             raise ValueError(f"filter_threshold={filter_threshold} (= {resolved_filter:.4g}) removes every training "

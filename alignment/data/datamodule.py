@@ -113,7 +113,8 @@ class AlignmentDataModule(pl.LightningDataModule):
         self.control_token_loss, self.seed = control_token_loss, seed
         self.data_cfg, self.task_cfg, self.tokenizer_cfg = data, task, tokenizer
         self.tagging, self.filter_threshold = tagging, filter_threshold
-        self.cache_dir, self.batch_size, self.num_workers, self.progress = Path(cache_dir), batch_size, num_workers, progress
+        self.cache_dir, self.batch_size = Path(cache_dir), batch_size
+        self.num_workers, self.progress = num_workers, progress
         self.folder: Path | None = None
         self._tokenizer = None
 

@@ -7,8 +7,8 @@ import copy
 import pytorch_lightning as pl
 from omegaconf import DictConfig, open_dict
 
-from alignment.task import Task
 from alignment.evaluation.evaluator import evaluate
+from alignment.task import Task
 
 
 class AlignmentCurve(pl.Callback):

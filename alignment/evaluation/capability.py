@@ -20,7 +20,8 @@ def text_logprobs(model, tokenizer, texts: list[str], batch_size: int = 32) -> n
     model.eval()
     eos, out = tokenizer.eos_token_id, []
     for start in range(0, len(texts), batch_size):
-        seqs = [[eos] + ids + [eos] for ids in tokenizer(texts[start:start + batch_size], add_special_tokens=False)["input_ids"]]
+        encoded = tokenizer(texts[start:start + batch_size], add_special_tokens=False)["input_ids"]
+        seqs = [[eos] + ids + [eos] for ids in encoded]
         length = max(map(len, seqs))
         ids = torch.full((len(seqs), length), eos, dtype=torch.long)
         mask = torch.zeros_like(ids)

@@ -23,11 +23,11 @@ import numpy as np
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from alignment.data.sentences import split_sentences
-from alignment.task import Task
 from alignment.evaluation import metrics
 from alignment.evaluation.capability import kl_from_reference
 from alignment.evaluation.intervals import difference_interval, share_interval
 from alignment.evaluation.sampling import sample
+from alignment.task import Task
 
 MISSING_MODES = ("sample", "untagged")
 
@@ -208,7 +208,8 @@ def _cell(row: dict, key: str) -> str:
     """`12.3 [9.1, 15.9]`: a share in % with its 95% interval."""
     if row.get(key, float("nan")) != row.get(key, float("nan")):
         return "-"
-    return f"{_pct(row[key])} [{_pct(row.get(key + '_low', float('nan')))}, {_pct(row.get(key + '_high', float('nan')))}]"
+    low, high = row.get(key + "_low", float("nan")), row.get(key + "_high", float("nan"))
+    return f"{_pct(row[key])} [{_pct(low)}, {_pct(high)}]"
 
 
 def format_table(rows: list[dict], task: Task) -> str:
@@ -245,7 +246,7 @@ def describe_effects(rows: list[dict], task: Task) -> str:
         return ""
     aligned = {name: task.attributes[name].aligned_level for name in task.tagged}
     by_name = {task.combination_name(c): c for c in task.combinations() if c}
-    lines = [f"What the control tokens did, against the unconditioned row `none` (95% intervals):"]
+    lines = ["What the control tokens did, against the unconditioned row `none` (95% intervals):"]
     for r in rows:
         combo = by_name.get(r["combination"])
         if combo is None:
@@ -253,10 +254,12 @@ def describe_effects(rows: list[dict], task: Task) -> str:
         label = "".join(task.combination_tokens(combo)) + ("" if r["guidance"] == 1.0 else f"  g={r['guidance']:g}")
         if len(combo) == 1:
             (attr, level), = combo.items()
-            name, key = task.attributes[attr].level_names[level], f"{attr}/share_{task.attributes[attr].level_names[level]}"
+            name = task.attributes[attr].level_names[level]
+            key = f"{attr}/share_{name}"
         else:
             name, key = r["combination"].replace("-", "+"), f"joint/share_{r['combination']}"
-        text = f"{name} {_pct(base[key])}% -> {_pct(r[key])}%, {_points(difference_interval(_triple(base, key), _triple(r, key)))}"
+        change = _points(difference_interval(_triple(base, key), _triple(r, key)))
+        text = f"{name} {_pct(base[key])}% -> {_pct(r[key])}%, {change}"
         judge = key.replace("/share_", "/judge_share_")
         if judge in r and judge in base:
             text += f" (judge {_points(difference_interval(_triple(base, judge), _triple(r, judge)))})"

@@ -40,7 +40,8 @@ IMPLEMENTATION_VERSION = 1
 
 def model_dir() -> Path:
     """The package's `model/` directory, found without importing the package (its __init__ imports TensorFlow)."""
-    return package_dir("toxic_classifier", "`make setup` (pip install --no-deps toxic-comment-classifier==0.3.0)") / "model"
+    hint = "`make setup` (pip install --no-deps toxic-comment-classifier==0.3.0)"
+    return package_dir("toxic_classifier", hint) / "model"
 
 
 class KerasTokenizerState:
