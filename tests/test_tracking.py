@@ -10,7 +10,9 @@ from alignment.task import Attribute, Task
 from alignment.tracking import environment, summary_metrics, ui_links
 
 
-def test_links_for_a_local_store_point_where_make_ui_serves(runs_dir):  # runs_dir: ALIGNMENT_RUNS_DIR is set
+def test_links_for_a_local_store_point_where_make_ui_serves(runs_dir, monkeypatch):  # runs_dir: sets ALIGNMENT_RUNS_DIR
+    # make ui follows MLFLOW_TRACKING_URI first; mlflow.set_tracking_uri in an earlier test may have left it set
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     links = ui_links(f"sqlite:///{runs_dir}/mlflow.db", "3", "abc123").splitlines()
     assert links == [
         f"MLflow UI: make ui   (or: mlflow ui --backend-store-uri sqlite:///{runs_dir}/mlflow.db --port 5000), "
