@@ -41,7 +41,8 @@ class AlignmentModule(pl.LightningModule):
         super().__init__()
         self.model, self.objective = model, objective
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
-        self.value_head = ValueHead(model.config.hidden_size) if objective.needs_value_head else None
+        self.value_head = (ValueHead(model.config.hidden_size, detach=objective.detach_value_head)
+                           if objective.needs_value_head else None)
         self.register_buffer("tokens_seen", torch.zeros((), dtype=torch.long), persistent=True)
 
     def forward(self, batch):

@@ -110,16 +110,19 @@ class AWR(Objective):
     (stop-gradient), so the weights w_t = min(exp(A_t / beta), max_weight) only rescale each token's cross-entropy:
     the LM is pushed towards tokens that did better than expected. The cap keeps one lucky token from dominating.
     L = alpha * mean(w_t * CE_t) + (1 - alpha) * mean((V_t - r_t)^2).
+    detach_value_head: whether the ValueHead the caller builds cuts the value loss off the LM (see ValueHead).
     """
 
     needs_value_head = True
 
-    def __init__(self, alpha: float = 0.5, beta: float = 10.0, max_weight: float = 1000.0):
+    def __init__(self, alpha: float = 0.5, beta: float = 10.0, max_weight: float = 1000.0,
+                 detach_value_head: bool = True):
         super().__init__()
         _require(0.0 <= alpha <= 1.0, "alpha", alpha, "in [0, 1] (it mixes the weighted LM loss and the value loss)")
         _require(beta > 0, "beta", beta, "> 0 (the temperature of exp(advantage / beta))")
         _require(max_weight > 0, "max_weight", max_weight, "> 0 (the cap on the token weights)")
         self.alpha, self.beta, self.max_weight = alpha, beta, max_weight
+        self.detach_value_head = bool(detach_value_head)
 
     def forward(self, logits, labels, scores, values=None):
         if values is None:
@@ -145,25 +148,29 @@ class RWR(AWR):
     w_t = exp((r_t + 1/2) / beta), i.e. exp(r_t / beta) up to a constant factor.
     """
 
-    def __init__(self, beta: float = 10.0, max_weight: float = 1000.0):
-        super().__init__(alpha=1.0, beta=beta, max_weight=max_weight)
+    def __init__(self, beta: float = 10.0, max_weight: float = 1000.0, detach_value_head: bool = True):
+        # detach_value_head changes nothing here (the value loss has weight 0); accepted so configs can set it.
+        super().__init__(alpha=1.0, beta=beta, max_weight=max_weight, detach_value_head=detach_value_head)
 
 
 class ValueHead(nn.Module):
     """V_t = -sigmoid(w . h_t) in (-1, 0), the same range as the rewards r_t = -s_t (paper Sec. 2: a linear head on
     the LM's last hidden state, no bias, zero-initialised, so every V_t starts at -1/2).
 
-    The hidden state is detached on purpose. AWR separates the policy (trained by the weighted likelihood) from the
+    By default the hidden state is detached. AWR separates the policy (trained by the weighted likelihood) from the
     critic (trained by regression); if the value loss could flow into the shared trunk it would become an auxiliary
     task reshaping the LM's representations to predict rewards, and alpha would trade LM quality against value
     accuracy. With the detach, the head learns only from the value loss and the LM only from the weighted CE.
+    `detach=False` is study A's published setting (its configs set the head's `is_detached: false`): the value loss
+    then also trains the trunk.
     """
 
-    def __init__(self, hidden_size: int):
+    def __init__(self, hidden_size: int, detach: bool = True):
         super().__init__()
         _require(hidden_size > 0, "hidden_size", hidden_size, "> 0")
         self.linear = nn.Linear(hidden_size, 1, bias=False)
         nn.init.zeros_(self.linear.weight)
+        self.detach = detach
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return -torch.sigmoid(self.linear(hidden.detach())).squeeze(-1)
+        return -torch.sigmoid(self.linear(hidden.detach() if self.detach else hidden)).squeeze(-1)

@@ -138,10 +138,10 @@ def test_value_head_starts_at_minus_one_half_and_stays_in_range():
 # --- a tiny real GPT-2 plus value head ------------------------------------------------------------------------------
 
 
-def tiny_lm():
+def tiny_lm(detach: bool = True):
     torch.manual_seed(0)
     config = GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=16, n_positions=8)
-    return GPT2LMHeadModel(config), ValueHead(config.n_embd)
+    return GPT2LMHeadModel(config), ValueHead(config.n_embd, detach=detach)
 
 
 def tiny_batch():
@@ -172,6 +172,19 @@ def test_awr_gradient_reaches_value_head_only_through_value_loss(alpha):
     compute_loss(AWR(alpha=alpha, beta=1.0), model, value_head).backward()
     assert has_gradient(value_head.parameters()) == (alpha < 1)  # alpha = 1: no value loss, weights are detached
     assert has_gradient(model.parameters()) == (alpha > 0)  # alpha = 0: only the value loss, hidden is detached
+
+
+@pytest.mark.parametrize("alpha", [0.0, 1.0])
+def test_undetached_value_head_lets_the_value_loss_train_the_lm(alpha):
+    """Study A's setting: with alpha = 0 the LM's only gradient is the value loss's, so it is nonzero iff the hidden
+    state is not detached; with alpha = 1 (RWR) the value loss has weight 0 and the head gets no gradient."""
+    model, value_head = tiny_lm(detach=False)
+    with torch.no_grad():
+        value_head.linear.weight.normal_()
+    compute_loss(AWR(alpha=alpha, beta=1.0, detach_value_head=False), model, value_head).backward()
+    assert has_gradient(model.parameters())
+    assert has_gradient(value_head.parameters()) == (alpha < 1)
+    assert has_gradient(model.transformer.h.parameters())  # the trunk, not only the output embedding
 
 
 OBJECTIVES = {
@@ -219,3 +232,11 @@ def test_training_steps_move_every_trainable_parameter(name):
 def test_invalid_hyperparameters_raise(build, message):
     with pytest.raises(ValueError, match=message):
         build()
+
+
+@pytest.mark.parametrize("detach", [True, False])
+def test_the_module_builds_the_value_head_the_objective_asks_for(detach):
+    from alignment.module import AlignmentModule
+
+    module = AlignmentModule(tiny_lm()[0], AWR(detach_value_head=detach), optimizer=torch.optim.AdamW)
+    assert module.value_head.detach is detach

@@ -174,6 +174,17 @@ def test_no_repeat_ngram_size():
         assert len(set(bigrams)) == len(bigrams)
 
 
+def test_no_repeat_ngram_prompt_also_bans_the_prompts_ngrams_but_not_its_leading_eos():
+    model = tiny_model({5: 20.0, 6: 19.0})  # greedy picks 5, then 6 once 5 is banned
+    prompts = [[EOS, 5, 6], [5, 9]]
+    assert [s[:2] for s in run(model, prompts, no_repeat_ngram_size=1, temperature=0.0)] == [[5, 6], [5, 6]]
+    banned = run(model, prompts, no_repeat_ngram_size=1, no_repeat_ngram_prompt=True, temperature=0.0)
+    assert 5 not in banned[0] + banned[1] and 6 not in banned[0] and 9 not in banned[1]
+    assert 6 in banned[1]  # [5, 9] bans 5 and 9 only
+    ends = tiny_model({EOS: 20.0})  # EOS stays allowed although every prompt starts with it
+    assert run(ends, [[EOS, 3]], no_repeat_ngram_size=1, no_repeat_ngram_prompt=True, temperature=0.0) == [[]]
+
+
 def test_no_repeat_ends_a_sample_that_runs_out_of_tokens():
     model = tiny_model()
     samples = run(model, no_repeat_ngram_size=1, max_new_tokens=40, min_new_tokens=40, blocked_ids=[PAD])

@@ -174,3 +174,14 @@ def test_sentencizer_rejects_bad_input():
         Sentencizer(kind="binary")
     with pytest.raises(ValueError):
         Sentencizer(min_words=5, max_words=3)
+
+
+def test_raw_rule_keeps_pre_split_sentences_exactly():
+    """Study A's corpora: URLs, handles, non-ASCII and inner whitespace are what the labels are about."""
+    given = ["Mail me at a@b.com  or see https://x.org/p\n", "Caf\u00e9 @bob says hi."]
+    out = list(Sentencizer(rule="raw", min_words=1, dedupe=False)([{"sentences": given + given[:1],
+                                                                     "scores": {"pii": [0.1, 0.0, 0.1]}}]))
+    assert out == [{"sentences": given + given[:1], "scores": {"pii": [0.1, 0.0, 0.1]}}]
+    assert clean("  x\u00e9  y ", "raw") == "  x\u00e9  y "
+    text = list(Sentencizer(rule="raw", min_words=1)([{"text": "See https://x.org now. Caf\u00e9 ok\nNext line"}]))
+    assert text[0]["sentences"] == ["See https://x.org now.", "Caf\u00e9 ok", "Next line"]

@@ -189,6 +189,25 @@ def test_pile_detoxify_source_sample_is_seeded(tmp_path):
         PileDetoxifySource(fraction=0.0)
 
 
+def test_pre_scored_source_reads_chunks_in_order_under_the_given_score_name(tmp_path):
+    """Study A's corpora come in chunks: rows are numbered across them (the sample is that of the concatenation)."""
+    first, second = tmp_path / "chunk-0", tmp_path / "chunk-1"
+    first.mkdir(), second.mkdir()
+    rows = _pile_rows(6)
+    pq.write_table(pa.Table.from_pylist(rows[:4]), first / "train.parquet")
+    pq.write_table(pa.Table.from_pylist(rows[4:]), second / "train.parquet")
+    chunks = PileDetoxifySource(name=[str(first), str(second)], fraction=1.0, exclude_sources=[], score_name="pii")()
+    assert [d["scores"] for d in chunks] == [{"pii": [i / 1000, i / 100]} for i in range(6)]
+    whole = _pile_dataset_dir(tmp_path, 6)
+
+    def kept(name):
+        return [d["sentences"] for d in PileDetoxifySource(name=name, fraction=0.5, seed=3, exclude_sources=[])()]
+
+    assert kept([str(first), str(second)]) == kept(whole)
+    with pytest.raises(ValueError, match="non-empty list"):
+        PileDetoxifySource(name=[])
+
+
 def test_pile_documents_through_the_sentencizer_keep_scores_aligned(tmp_path):
     rows = [{"texts": ["Too short.", "This sentence has exactly ten words in it, you see.",
                        "Another, rather longer sentence \u2014 with eleven words to keep it in!"],

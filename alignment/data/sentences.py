@@ -15,7 +15,7 @@ import unicodedata
 from collections import Counter
 from collections.abc import Iterable, Iterator
 
-RULES = ("gentle", "strict")
+RULES = ("gentle", "strict", "raw")
 KINDS = ("text", "code")
 
 # ----------------------------------------------------------------------------------------------
@@ -83,9 +83,13 @@ def clean(text: str, rule: str = "gentle") -> str:
     "strict": study B's rule: after the gentle steps, keep only ASCII letters, digits, space and
       the characters ? . ' ! (every other character is deleted, not replaced by a space:
       "self-driving" -> "selfdriving", "@user" -> "user"), then collapse whitespace again.
+    "raw": the text unchanged, whitespace, URLs and handles included (study A trained on raw text; PII labels are
+      about exactly what cleaning removes).
     """
     if rule not in RULES:
         raise ValueError(f"Unknown cleaning rule {rule!r}; choose one of {RULES}")
+    if rule == "raw":
+        return text
     text = _gentle(text)
     return _strict(text) if rule == "strict" else text
 
@@ -235,6 +239,8 @@ class Sentencizer:
         if self.kind == "code":
             return split_code(text, self.code_max_lines)
         # Clean line by line: cleaning collapses newlines, which the splitter needs.
+        if self.rule == "raw":
+            return [s for line in text.splitlines() for s in split_sentences(line)]
         sentences = [s for line in text.splitlines() for s in split_sentences(_gentle(line))]
         return [_strict(s) for s in sentences] if self.rule == "strict" else sentences
 

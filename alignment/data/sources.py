@@ -15,7 +15,7 @@ import itertools
 import json
 import os
 import sysconfig
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 from alignment.assets import package_dir
@@ -97,19 +97,27 @@ class PileDetoxifySource:
 
     Each row is kept with probability `fraction`, drawn from a hash of (seed, row index) — so the
     sample is reproducible but, when streaming, every row is still read once (the whole dataset is
-    downloaded). `name` may also be a local dataset directory with the same columns.
+    downloaded). `name` may also be a local dataset directory with the same columns, or a list of
+    names read one after the other (study A's corpora come in chunks of 50k documents).
+
+    Study A's other pre-scored corpora have the same layout (`tomekkorbak/pii-pile-chunk3-*`: scrubadub
+    PII per character; `kejian/codeparrot-train-more-filter-3.3b-cleaned`: pycodestyle per character of
+    each line, scored within its file): `score_name` names their scores for an attribute's `precomputed`.
     """
 
     SCORE_NAME = "detoxify_original"
     OFFLINE_HINT = ("point data.source.name at a local copy: a dataset directory (parquet or jsonl files) "
                     "with the columns texts, scores and meta.pile_set_name.")
 
-    def __init__(self, name: str = "tomekkorbak/pile-detoxify", split: str = "train", fraction: float = 0.02,
-                 seed: int = 42, exclude_sources: Iterable[str] = STUDY_B_EXCLUDED_PILE_SETS,
-                 limit: int | None = None, streaming: bool = True):
+    def __init__(self, name: str | Sequence[str] = "tomekkorbak/pile-detoxify", split: str = "train",
+                 fraction: float = 0.02, seed: int = 42, exclude_sources: Iterable[str] = STUDY_B_EXCLUDED_PILE_SETS,
+                 limit: int | None = None, streaming: bool = True, score_name: str = SCORE_NAME):
         if not 0.0 < fraction <= 1.0:
             raise ValueError(f"fraction must be in (0, 1], got {fraction}")
-        self.name, self.split, self.fraction, self.seed = name, split, fraction, seed
+        self.names = [name] if isinstance(name, str) else list(name)
+        if not self.names:
+            raise ValueError("name must be a dataset name or a non-empty list of them")
+        self.name, self.split, self.fraction, self.seed, self.score_name = name, split, fraction, seed, score_name
         self.exclude_sources = frozenset(exclude_sources or ())
         self.limit, self.streaming = limit, streaming
 
@@ -121,14 +129,17 @@ class PileDetoxifySource:
         return meta.get("pile_set_name")
 
     def _documents(self) -> Iterator[dict]:
-        rows = _hub_rows(self.name, self.OFFLINE_HINT, split=self.split, streaming=self.streaming)
-        for index, row in enumerate(rows):
+        # Rows are numbered across all the names, so a list of chunks samples like their concatenation.
+        rows = itertools.chain.from_iterable(
+            ((name, row) for row in _hub_rows(name, self.OFFLINE_HINT, split=self.split, streaming=self.streaming))
+            for name in self.names)
+        for index, (name, row) in enumerate(rows):
             if not _keep(index, self.seed, self.fraction) or self._pile_set(row) in self.exclude_sources:
                 continue
             sentences, scores = list(row["texts"]), [float(s) for s in row["scores"]]
             if len(sentences) != len(scores):
-                raise ValueError(f"{self.name} row {index}: {len(sentences)} texts but {len(scores)} scores")
-            yield {"sentences": sentences, "scores": {self.SCORE_NAME: scores}}
+                raise ValueError(f"{name} row {index}: {len(sentences)} texts but {len(scores)} scores")
+            yield {"sentences": sentences, "scores": {self.score_name: scores}}
 
     def __call__(self) -> Iterator[dict]:
         return _limited(self._documents(), self.limit)

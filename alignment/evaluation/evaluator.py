@@ -15,6 +15,7 @@ Every share gets a 95% interval with samples as clusters (alignment.evaluation.i
 """
 from __future__ import annotations
 
+import itertools
 import time
 import zlib
 from dataclasses import dataclass, field
@@ -93,21 +94,54 @@ def build_prompts(tokenizer, task: Task, conditioning: Conditioning, cfg, prompt
     return cond, uncond, tokens
 
 
-def prompt_texts(val_sentences: list[dict], cfg) -> list[str]:
+def prompt_texts(val_sentences: list[dict], cfg, task: Task | None = None) -> list[str]:
+    """Held-out sentences as prompts: `eval.prompt_words` first words of each (null: the whole sentence), from
+    sentences of fewer than `eval.prompt_max_words` words (null: any), a seeded sample of `eval.num_samples`.
+    With `eval.prompt_balance` (attribute names), the sample is drawn from a pool of `eval.prompt_pool` sentences
+    with an equal share for every combination of those attributes' levels (study B: 1,000 sentences, 250 each of
+    toxic / nontoxic x pos / neg, shorter than 17 words, whole)."""
     if cfg.mode == "unconditional":
         return []
-    candidates = [s["text"] for s in val_sentences if len(s["text"].split()) > cfg.prompt_words]
+    words, max_words = cfg.get("prompt_words"), cfg.get("prompt_max_words")
+    candidates = [s for s in val_sentences if (words is None or len(s["text"].split()) > words)
+                  and (max_words is None or len(s["text"].split()) < max_words)]
+    rng = np.random.default_rng(cfg.seed)
+    balance = list(cfg.get("prompt_balance") or [])
+    if balance:
+        candidates = balanced_pool(candidates, balance, task, int(cfg.get("prompt_pool") or cfg.num_samples), rng)
     # A seeded sample, not the first N: consecutive held-out sentences often come from a few documents.
-    picked = [candidates[i] for i in np.random.default_rng(cfg.seed).permutation(len(candidates))[: cfg.num_samples]]
+    picked = [candidates[i]["text"] for i in rng.permutation(len(candidates))[: cfg.num_samples]]
     if not picked:
-        raise ValueError(f"No held-out sentence has more than eval.prompt_words={cfg.prompt_words} words")
-    return [" ".join(t.split()[: cfg.prompt_words]) for t in picked]
+        raise ValueError(f"No held-out sentence has more than eval.prompt_words={words} and fewer than "
+                         f"eval.prompt_max_words={max_words} words")
+    return picked if words is None else [" ".join(t.split()[:words]) for t in picked]
+
+
+def balanced_pool(sentences: list[dict], attributes: list[str], task: Task, size: int,
+                  rng: np.random.Generator) -> list[dict]:
+    """`size` sentences drawn without replacement, size / k from each of the k combinations of the attributes'
+    levels (each sentence carries its training-label level per attribute, as in val_sentences.jsonl)."""
+    if task is None or any(a not in task.attributes for a in attributes):
+        raise ValueError(f"eval.prompt_balance={attributes} must name attributes of the task")
+    combos = list(itertools.product(*(range(len(task.attributes[a].tokens)) for a in attributes)))
+    if size % len(combos):
+        raise ValueError(f"eval.prompt_pool={size} does not split evenly over {len(combos)} level combinations")
+    share = size // len(combos)
+    pool = []
+    for combo in combos:
+        group = [s for s in sentences if tuple(s[a] for a in attributes) == combo]
+        if len(group) < share:
+            names = "/".join(task.attributes[a].level_names[level] for a, level in zip(attributes, combo))
+            raise ValueError(f"only {len(group)} held-out prompt sentences are {names}; the balanced pool needs "
+                             f"{share} (lower eval.prompt_pool or hold out more data)")
+        pool += [group[i] for i in sorted(rng.choice(len(group), size=share, replace=False))]
+    return pool
 
 
 def evaluate(model, tokenizer, task: Task, cfg, val_sentences: list[dict] | None = None) -> EvalResult:
     """Run the whole evaluation described by an `eval` config on a trained model."""
     result = EvalResult()
-    texts = prompt_texts(val_sentences or [], cfg)
+    texts = prompt_texts(val_sentences or [], cfg, task)
     blocked = tokenizer.convert_tokens_to_ids(task.control_tokens)
     for g in cfg.guidance_scales:
         for conditioning in conditionings(task, cfg):

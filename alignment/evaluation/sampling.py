@@ -25,22 +25,26 @@ class _Rules:
     top_k: int
     blocked_ids: tuple[int, ...]
     no_repeat_ngram_size: int
+    no_repeat_ngram_prompt: bool
     guidance_scale: float
 
 
 @torch.no_grad()
 def sample(model, prompts: list[list[int]], *, eos_id: int, pad_id: int, max_new_tokens: int,
            min_new_tokens: int = 0, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
-           blocked_ids: Sequence[int] = (), no_repeat_ngram_size: int = 0,
+           blocked_ids: Sequence[int] = (), no_repeat_ngram_size: int = 0, no_repeat_ngram_prompt: bool = False,
            guidance_scale: float = 1.0, uncond_prompts: list[list[int]] | None = None,
            batch_size: int = 32, seed: int = 0) -> list[list[int]]:
     """Sample a continuation of every prompt; return only the generated ids, cut before EOS.
 
     temperature 0 means greedy; top_k 0 and top_p 1 switch those filters off. no_repeat_ngram_size looks at the
     generated tokens only (the prompt may share n-grams with the continuation), so n=1 means that no token repeats
-    within the continuation. With guidance_scale g != 1, `uncond_prompts` run as a second stream in the same forward
-    pass and the next-token log-probs are l_uncond + g * (l_cond - l_uncond); g = 1 skips that stream (it would
-    compute plain conditioning anyway). A row whose every token is blocked ends (as if it emitted EOS).
+    within the continuation; with no_repeat_ngram_prompt the prompt's n-grams are banned too, as Hugging Face's
+    `generate` does (study B's setting). A leading EOS is not part of that history: it marks the start of text here,
+    where study B's prompts had no such token, and banning it would keep every sample from ending.
+    With guidance_scale g != 1, `uncond_prompts` run as a second stream in the same forward pass and the next-token
+    log-probs are l_uncond + g * (l_cond - l_uncond); g = 1 skips that stream (it would compute plain conditioning
+    anyway). A row whose every token is blocked ends (as if it emitted EOS).
     `pad_id` only fills the left padding, which the attention mask hides. `seed` must be >= 0.
     """
     if any(len(prompt) == 0 for prompt in prompts):
@@ -53,7 +57,7 @@ def sample(model, prompts: list[list[int]], *, eos_id: int, pad_id: int, max_new
     if guided and (uncond_prompts is None or len(uncond_prompts) != len(prompts)):
         raise ValueError("guidance_scale != 1 needs one unconditional prompt per prompt")
     rules = _Rules(eos_id, min_new_tokens, temperature, top_p, top_k, tuple(blocked_ids), no_repeat_ngram_size,
-                   guidance_scale)
+                   bool(no_repeat_ngram_prompt), guidance_scale)
     was_training = model.training
     model.eval()
     try:
@@ -78,6 +82,9 @@ def _sample_batch(model, prompts, uncond_prompts, first_index, rules, pad_id, ma
     # Only the last position's logits are needed; a 50k vocabulary over a whole prompt batch is costly.
     extra = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
     generated = [[] for _ in range(n)]
+    # What the n-gram ban looks at besides the generated tokens: the prompt (without its leading EOS) or nothing.
+    history = [p[1:] if p[0] == rules.eos_id else list(p) for p in prompts] if rules.no_repeat_ngram_prompt \
+        else [[] for _ in range(n)]
     alive = list(range(n))  # prompts still generating, in the order of the batch's (first-stream) rows
     cache = None
     for step in range(max_new_tokens):
@@ -90,7 +97,7 @@ def _sample_batch(model, prompts, uncond_prompts, first_index, rules, pad_id, ma
             logprobs = uncond + rules.guidance_scale * (cond - uncond)
             # A token that both streams rule out (-inf - -inf = nan) stays ruled out.
             logprobs = logprobs.masked_fill(logprobs.isnan(), -torch.inf)
-        rows = [generated[i] for i in alive]
+        rows = [history[i] + generated[i] for i in alive] if rules.no_repeat_ngram_size else []
         tokens = _draw(_allowed_scores(logprobs, rows, step, rules), [generators[i] for i in alive], rules).tolist()
         keep = [k for k, token in enumerate(tokens) if token != rules.eos_id]
         for k in keep:
