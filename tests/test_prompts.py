@@ -7,8 +7,8 @@ from collections import Counter
 import pytest
 from omegaconf import OmegaConf
 
-from alignment.data.tagging import Task
 from alignment.evaluation.evaluator import prompt_texts
+from alignment.task import Task
 from tests.conftest import compose_config
 
 # held-out sentences per (toxicity, sentiment) level: 0 = nontoxic / neg, 1 = toxic / pos (study B's two levels)

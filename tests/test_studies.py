@@ -6,7 +6,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from alignment import CONF_DIR
-from alignment.objectives import AWR, RWR, MLE, Unlikelihood
+from alignment.objectives import AWR, MLE, RWR, Unlikelihood
 from tests.conftest import compose_config
 
 OBJECTIVES = ["mle", "filtering", "conditional", "unlikelihood", "awr", "rwr"]
