@@ -195,6 +195,26 @@ def test_empty_corpus_is_a_clear_error_and_leaves_nothing(runs_dir, tmp_path):
     assert after == before
 
 
+def test_a_build_interrupted_while_writing_leaves_nothing_and_the_next_one_completes(runs_dir, tmp_path, monkeypatch):
+    """Ctrl-C after the training split is on disk: neither the dataset folder nor the temporary one stays."""
+    datasets_dir = runs_dir / "cache" / "datasets"
+    before = set(datasets_dir.glob("*")) | set(datasets_dir.glob(".*"))
+    real_save = Split.save
+
+    def save_then_interrupt(split, folder, name):
+        real_save(split, folder, name)
+        if name == "val":
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(Split, "save", save_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        datamodule(tmp_path, "data.seed=7")  # a dataset no other test builds
+    assert set(datasets_dir.glob("*")) | set(datasets_dir.glob(".*")) == before
+    monkeypatch.setattr(Split, "save", real_save)
+    _, dm = datamodule(tmp_path, "data.seed=7")
+    assert dm.folder not in before and len(Split.load(dm.folder, "val_untagged")) > 0
+
+
 def test_filter_that_removes_everything_is_a_clear_error(runs_dir, tmp_path):
     with pytest.raises(ValueError, match="removes every training document"):
         datamodule(tmp_path, "objective=filtering", "task.threshold=-1")
