@@ -112,8 +112,9 @@ def prompt_texts(val_sentences: list[dict], cfg, task: Task | None = None) -> li
     # A seeded sample, not the first N: consecutive held-out sentences often come from a few documents.
     picked = [candidates[i]["text"] for i in rng.permutation(len(candidates))[: cfg.num_samples]]
     if not picked:
-        raise ValueError(f"No held-out sentence has more than eval.prompt_words={words} and fewer than "
-                         f"eval.prompt_max_words={max_words} words")
+        upper = "" if max_words is None else f" and fewer than eval.prompt_max_words={max_words}"
+        raise ValueError(f"No held-out sentence has more than eval.prompt_words={words}{upper} words: lower "
+                         "eval.prompt_words (or raise eval.prompt_max_words), or hold out more data")
     return picked if words is None else [" ".join(t.split()[:words]) for t in picked]
 
 
