@@ -29,7 +29,7 @@ $(STAMP): pyproject.toml requirements/no-deps.txt
 
 setup: $(STAMP)  ## create .venv and install everything (idempotent)
 
-run: $(STAMP)  ## the default experiment (offline, ~10 min on 2 CPU cores); pass overrides with ARGS="..."
+run: $(STAMP)  ## the default experiment (offline, 10-20 min on 2 CPU cores, by host); pass overrides with ARGS="..."
 	$(BIN)/python -m alignment $(ARGS)
 
 grid: $(STAMP)  ## study B's grid on the offline default (none/tox/sen/toxsen x 3 seeds), then its report
