@@ -70,8 +70,7 @@ def _control_token_section(task: Task, eos_token: str, eval_cfg: DictConfig) -> 
     lines = ["## Control tokens", "", "| attribute | tokens (lowest score first) | aligned |", "|---|---|---|"]
     lines += [f"| {name} | {' '.join(f'`{t}`' for t in task.attributes[name].tokens)} | "
               f"`{task.attributes[name].aligned}` |" for name in task.tagged]
-    aligned = {name: task.attributes[name].aligned_level for name in task.tagged}
-    tokens = "".join(task.combination_tokens(aligned))
+    tokens = "".join(task.combination_tokens(task.aligned_levels))
     placement = ("the EOS token, the control tokens, then the start of a text" if eval_cfg.mode == "prompted"
                  and eval_cfg.control_placement == "before" else "the EOS token then the control tokens")
     example = f"{eos_token}{tokens}" + (" The weather" if eval_cfg.mode == "prompted" else "")

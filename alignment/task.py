@@ -137,6 +137,11 @@ class Task:
         return self
 
     @property
+    def aligned_levels(self) -> dict[str, int]:
+        """The aligned level of every tagged attribute: the conditioning a user gives to get aligned text."""
+        return {name: self.attributes[name].aligned_level for name in self.tagged}
+
+    @property
     def control_tokens(self) -> list[str]:
         return [t for name in self.tagged for t in self.attributes[name].tokens]
 

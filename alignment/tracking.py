@@ -269,8 +269,7 @@ def summary_metrics(rows: list[dict], task, trained: dict[str, float]) -> dict[s
     unconditioned; the share of each level under its own token (does each token steer?); the LM loss on untagged
     text (val/loss when nothing is tagged: then all text is untagged); distinct-2 of the unconditioned samples."""
     by_name = {row["combination"]: row for row in rows if row["guidance"] == 1.0}
-    aligned = task.combination_name({a: task.attributes[a].aligned_level for a in task.tagged}) if task.tagged \
-        else "none"
+    aligned = task.combination_name(task.aligned_levels) if task.tagged else "none"
     wanted = {"summary/aligned_misaligned": (aligned, "joint/misaligned"),
               "summary/unconditioned_misaligned": ("none", "joint/misaligned"),
               "summary/distinct_2": ("none", "distinct_2")}

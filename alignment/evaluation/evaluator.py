@@ -60,7 +60,7 @@ def conditionings(task: Task, cfg) -> list[Conditioning]:
     wanted = cfg.get("combinations", "all")
     if wanted == "all":
         return found
-    aligned = {name: task.attributes[name].aligned_level for name in task.tagged}
+    aligned = task.aligned_levels
     if wanted == "core":
         return [c for c in found if len(c.levels) <= 1 or c.levels == aligned]
     if wanted == "aligned":
@@ -279,7 +279,7 @@ def describe_effects(rows: list[dict], task: Task) -> str:
     base = next((r for r in rows if r["combination"] == "none" and r["guidance"] == 1.0), None)
     if base is None or not task.tagged:
         return ""
-    aligned = {name: task.attributes[name].aligned_level for name in task.tagged}
+    aligned = task.aligned_levels
     by_name = {task.combination_name(c): c for c in task.combinations() if c}
     lines = ["What the control tokens did, against the unconditioned row `none` (95% intervals):"]
     for r in rows:
