@@ -62,6 +62,7 @@ def test_study_a_thresholds_and_shared_settings(runs_dir, tmp_path, task, condit
     assert attribute.untagged_fraction == (0.1 if task == "pep8" else 0.01)  # study A's drop_token_fraction
     assert cfg.trainer.max_epochs == -1  # loop over a filtered (shorter) corpus until max_steps, as study A did
     assert list(cfg.module.optimizer.betas) == [0.9, 0.999] and cfg.module.scheduler.decay == "linear"
+    assert cfg.module.optimizer.weight_decay == 0.1 and cfg.module.scheduler.min_ratio == 0.0
     assert cfg.task.eval_unit == "sample"  # study A's metrics are over whole samples
     assert cfg.data.sentences.dedupe is False and cfg.data.layout == "packed" and cfg.data.source.fraction == 1.0
     assert (cfg.eval.num_samples, cfg.eval.sampling.temperature, cfg.eval.sampling.top_p) == (4096, 0.7, 0.9)
@@ -101,12 +102,13 @@ def test_every_per_objective_file_matches_an_experiment_and_an_objective():
 def test_the_projects_own_awr_keeps_the_detached_value_head(runs_dir, tmp_path):
     cfg = compose(tmp_path, "objective=awr")
     assert instantiate(cfg.objective.loss).detach_value_head is True
-    assert list(cfg.module.optimizer.betas) == [0.9, 0.95]
+    assert list(cfg.module.optimizer.betas) == [0.9, 0.999] and cfg.module.optimizer.weight_decay == 0.01
 
 
 def test_study_b_optimiser_and_evaluation(runs_dir, tmp_path):
     cfg = compose(tmp_path, "experiment=study_b")
     assert list(cfg.module.optimizer.betas) == [0.9, 0.999] and cfg.module.optimizer.lr == 5e-4
+    assert cfg.module.optimizer.weight_decay == 0.1 and cfg.module.scheduler.min_ratio == 0.0
     assert effective_batch(cfg) == 512
     assert (cfg.eval.prompt_words, cfg.eval.prompt_max_words, cfg.eval.prompt_pool) == (None, 17, 1000)
     assert list(cfg.eval.prompt_balance) == ["toxicity", "sentiment"] and cfg.eval.num_samples == 400
