@@ -7,6 +7,7 @@ from omegaconf import OmegaConf
 
 from alignment import CONF_DIR
 from alignment.objectives import AWR, MLE, RWR, Unlikelihood
+from alignment.scorers.pii import STUDY_A_DETECTORS
 from tests.conftest import compose_config
 
 OBJECTIVES = ["mle", "filtering", "conditional", "unlikelihood", "awr", "rwr"]
@@ -82,6 +83,7 @@ def test_study_a_pii_and_pep8_sources(runs_dir, tmp_path):
     pii = compose(tmp_path / "pii", "experiment=korbak_pii")
     assert pii.data.source.score_name == pii.task.attributes.pii.precomputed == "scrubadub_study_a"
     assert len(pii.data.source.name) == 39 and pii.data.sentences.rule == "raw"
+    assert tuple(pii.task.attributes.pii.scorer.detectors) == STUDY_A_DETECTORS  # samples judged as study A did
     pep8 = compose(tmp_path / "pep8", "experiment=korbak_pep8")
     assert pep8.data.source.score_name == pep8.task.attributes.pep8.precomputed == "pycodestyle_line"
     assert pep8.data.source.name == "kejian/codeparrot-train-more-filter-3.3b-cleaned"
