@@ -65,6 +65,7 @@ def test_study_a_thresholds_and_shared_settings(runs_dir, tmp_path, task, condit
     assert list(cfg.module.optimizer.betas) == [0.9, 0.999] and cfg.module.scheduler.decay == "linear"
     assert cfg.task.eval_unit == "sample"  # study A's metrics are over whole samples
     assert cfg.data.sentences.dedupe is False and cfg.data.layout == "packed" and cfg.data.source.fraction == 1.0
+    assert cfg.data.joiner == "" and cfg.data.sentences.min_words == 0  # segments as they were, blanks included
     assert (cfg.eval.num_samples, cfg.eval.sampling.temperature, cfg.eval.sampling.top_p) == (4096, 0.7, 0.9)
     sampling = cfg.eval.sampling  # study A's generate() lengths, prompt included (EOS and the control tokens)
     assert (sampling.max_length, sampling.min_length) == (640 if task == "pep8" else 128, 10)
