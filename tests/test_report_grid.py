@@ -104,6 +104,7 @@ def test_the_grid_and_the_generic_table_name_the_conditioning_their_numbers_were
     assert grid_header.startswith("| model (trained on) | runs | seeds | toxic %, with `<\\|nontoxic\\|>` | "
                                   "not positive %, with `<\\|pos\\|>` | joint misaligned %, with its aligned tokens | ")
     assert " → 40.0 [" in grid_line(text, "toxsen")[4]
+    assert "tokens they never trained on (one shared tokenizer); those cells cannot be reproduced" in text
     generic = text[text.index("## Unconditioned → conditioned on the full aligned combination"):]
     lines = generic.splitlines()
     assert lines[2] == ("| task | objective | conditioning | toxicity %, none → conditioning | "

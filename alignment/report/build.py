@@ -14,6 +14,9 @@ from alignment.report.tables import cell, change, grid_tables, headline_table, m
 # names (toxicity under <|nontoxic|> alone, sentiment under <|pos|> alone, joint under both); the generic table reads
 # every column under the run's full aligned combination. The headings say which is which.
 GRID_HEADING = "Study B's grid (seeds pooled; unconditioned → conditioned on the tokens each column names)"
+GRID_NOTE = ("A model is read only under tokens it trained on (–: it has none). Study B also read its none, tox and "
+             "sen models under tokens they never trained on (one shared tokenizer); those cells cannot be reproduced "
+             "here by construction.")
 ALIGNED_HEADING = ("Unconditioned → conditioned on the full aligned combination (misaligned %; every column under "
                    "the row's `conditioning`)")
 
@@ -37,7 +40,7 @@ def write_markdown(frame, guidance, attributes, plots: dict[str, str | None], ti
         parts += ["## At a glance", headline_table(mlflow_runs, frame)]
         grid, missing = grid_tables(mlflow_runs, frame)
         if grid:
-            parts += [f"## {GRID_HEADING}", grid]
+            parts += [f"## {GRID_HEADING}", grid, GRID_NOTE]
         if missing:
             parts += ["## Missing", "\n".join(f"- {line}" for line in dict.fromkeys(missing))]
     parts += ["## Runs (aligned conditioning)",
