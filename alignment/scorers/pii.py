@@ -25,8 +25,9 @@ STUDY_A_DETECTORS = DEFAULT_DETECTORS + ("date_of_birth", "skype", "spacy", "add
 # Detectors that need a separate install: the modules they import and what to run to get them. `spacy` is
 # scrubadub_spacy's entity detector with study A's model, `address` study A's pyap-only detector (pii_address).
 NEEDS_INSTALL = {
-    "spacy": (("scrubadub_spacy", "en_core_web_sm"),
-              "pip install scrubadub-spacy==2.0.0 && python -m spacy download en_core_web_sm"),
+    # scrubadub_spacy imports spacy_transformers on every text, whatever the model
+    "spacy": (("scrubadub_spacy", "spacy_transformers", "en_core_web_sm"),
+              "pip install scrubadub-spacy==2.0.0 spacy-transformers && python -m spacy download en_core_web_sm"),
     "address": (("pyap",), "pip install pyap==0.3.1"),
 }
 # What runs on a plain install (date_of_birth uses dateparser, skype textblob's bundled tagger).
@@ -46,9 +47,9 @@ def missing_installs(detectors: Sequence[str]) -> dict[str, str]:
 def _detector(name: str, locale: str):
     """A scrubadub detector by name; the installed extras as instances (their names are not in its catalogue)."""
     if name == "spacy":
-        import scrubadub_spacy
+        from scrubadub_spacy.detectors.spacy import SpacyEntityDetector
 
-        return scrubadub_spacy.detectors.SpacyEntityDetector(model="en_core_web_sm", locale=locale)
+        return SpacyEntityDetector(model="en_core_web_sm", locale=locale)
     if name == "address":
         from alignment.scorers.pii_address import PyapAddressDetector
 
