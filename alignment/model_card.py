@@ -46,7 +46,7 @@ def model_card(cfg: DictConfig, task: Task, meta: dict, *, steps: int, parameter
               "`generation_config.json` holds the evaluation's sampling (`eval.sampling`), so `model.generate()` and "
               "the pipeline sample as the evaluation did without arguments, and it lists the control tokens as "
               "`suppress_tokens`: they are never generated.", "",
-              *(f"- {key}: {sampling[key]}" for key in GENERATION_KEYS if key in sampling), ""]
+              *(f"- {key}: {sampling[key]}" for key in GENERATION_KEYS if sampling.get(key) is not None), ""]
     if sampling.get("no_repeat_ngram_size"):
         lines += ["`no_repeat_ngram_size` is not in the generation config: transformers also counts the prompt's "
                   "n-grams, the evaluation only the generated ones.", ""]

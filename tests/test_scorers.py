@@ -246,6 +246,42 @@ def test_pii_counts_detections_per_character():
         ScrubadubPII(detectors=["email", "text_blob_name"])
 
 
+def test_pii_study_a_offline_detectors_add_dates_of_birth_and_skype_names():
+    from alignment.scorers.pii import DEFAULT_DETECTORS, OFFLINE_DETECTORS, STUDY_A_DETECTORS
+
+    assert OFFLINE_DETECTORS == DEFAULT_DETECTORS + ("date_of_birth", "skype")
+    assert set(STUDY_A_DETECTORS) - set(OFFLINE_DETECTORS) == {"spacy", "address"}
+    text = "Add me on skype: jane.doe77 or mail jane@example.org. I was born on 10 November 1980."  # 85 chars
+    birthday = "She was born in 1980 and moved on 3 May 1985."  # two dates, "born" on the same line
+    study_a, default = ScrubadubPII(OFFLINE_DETECTORS, processes=1), ScrubadubPII(processes=1)
+    np.testing.assert_array_equal(study_a.counts([text, birthday, "the weather is lovely"]), [3, 2, 0])
+    np.testing.assert_array_equal(default.counts([text, birthday]), [1, 0])  # the email only
+    assert study_a.score([text])[0] == pytest.approx(3 / 85) and study_a.cache_key() != default.cache_key()
+
+
+def test_pii_detectors_that_need_installs_fail_at_once_saying_what_to_install():
+    from alignment.scorers.pii import OFFLINE_DETECTORS, STUDY_A_DETECTORS, missing_installs
+
+    if set(missing_installs(STUDY_A_DETECTORS)) != {"spacy", "address"}:
+        pytest.skip("scrubadub-spacy, en_core_web_sm or pyap is installed here")
+    with pytest.raises(ValueError) as error:
+        ScrubadubPII(STUDY_A_DETECTORS)
+    message = str(error.value)
+    assert "['address', 'spacy']" in message and "python -m spacy download en_core_web_sm" in message
+    assert "pip install pyap==0.3.1" in message and f"detectors=[{','.join(OFFLINE_DETECTORS)}]" in message
+    assert missing_installs(OFFLINE_DETECTORS) == {}
+
+
+def test_pii_address_detector_finds_an_address_across_a_line_break():
+    pytest.importorskip("pyap")  # study A's address detector (pip install pyap==0.3.1)
+    from alignment.scorers.pii import DEFAULT_DETECTORS
+
+    scorer = ScrubadubPII(DEFAULT_DETECTORS + ("address",), processes=1)
+    address = "225 E. John Carpenter Freeway, Suite 1500 Irving, Texas 75062"
+    wrapped = "Send it to " + address.replace(", Suite", ",\nSuite") + " today."
+    np.testing.assert_array_equal(scorer.counts([wrapped, address, "no address here"]), [1, 1, 0])
+
+
 def test_pep8_counts_violations_per_character():
     snippets = ["x=1\n", "x = 1\n", "def f( a ):\n  return a\n", ""]
     # x=1: E225 (4 chars); clean; E201 + E202 + E111 (12 + 11 chars); empty

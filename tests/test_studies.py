@@ -7,6 +7,7 @@ from omegaconf import OmegaConf
 
 from alignment import CONF_DIR
 from alignment.objectives import AWR, MLE, RWR, Unlikelihood
+from alignment.scorers.pii import STUDY_A_DETECTORS
 from tests.conftest import compose_config
 
 OBJECTIVES = ["mle", "filtering", "conditional", "unlikelihood", "awr", "rwr"]
@@ -65,8 +66,11 @@ def test_study_a_thresholds_and_shared_settings(runs_dir, tmp_path, task, condit
     assert cfg.module.optimizer.weight_decay == 0.1 and cfg.module.scheduler.min_ratio == 0.0
     assert cfg.task.eval_unit == "sample"  # study A's metrics are over whole samples
     assert cfg.data.sentences.dedupe is False and cfg.data.layout == "packed" and cfg.data.source.fraction == 1.0
+    assert cfg.data.joiner == "" and cfg.data.sentences.min_words == 0  # segments as they were, blanks included
     assert (cfg.eval.num_samples, cfg.eval.sampling.temperature, cfg.eval.sampling.top_p) == (4096, 0.7, 0.9)
-    assert cfg.eval.sampling.max_new_tokens == (640 if task == "pep8" else 128)
+    sampling = cfg.eval.sampling  # study A's generate() lengths, prompt included (EOS and the control tokens)
+    assert (sampling.max_length, sampling.min_length) == (640 if task == "pep8" else 128, 10)
+    assert sampling.max_new_tokens is None and sampling.min_new_tokens is None
     assert cfg.model.arch.reorder_and_upcast_attn is True and cfg.model.arch.n_layer == 12
 
 
@@ -83,6 +87,7 @@ def test_study_a_pii_and_pep8_sources(runs_dir, tmp_path):
     pii = compose(tmp_path / "pii", "experiment=korbak_pii")
     assert pii.data.source.score_name == pii.task.attributes.pii.precomputed == "scrubadub_study_a"
     assert len(pii.data.source.name) == 39 and pii.data.sentences.rule == "raw"
+    assert tuple(pii.task.attributes.pii.scorer.detectors) == STUDY_A_DETECTORS  # samples judged as study A did
     pep8 = compose(tmp_path / "pep8", "experiment=korbak_pep8")
     assert pep8.data.source.score_name == pep8.task.attributes.pep8.precomputed == "pycodestyle_line"
     assert pep8.data.source.name == "kejian/codeparrot-train-more-filter-3.3b-cleaned"
@@ -113,5 +118,8 @@ def test_study_b_optimiser_and_evaluation(runs_dir, tmp_path):
     assert (cfg.eval.prompt_words, cfg.eval.prompt_max_words, cfg.eval.prompt_pool) == (None, 17, 1000)
     assert list(cfg.eval.prompt_balance) == ["toxicity", "sentiment"] and cfg.eval.num_samples == 400
     assert cfg.eval.sampling.no_repeat_ngram_prompt is True and cfg.eval.sampling.no_repeat_ngram_size == 1
+    # study B: max_new_tokens 70, min_length 40 counting its prompt (ours: one token longer, the leading EOS)
+    assert (cfg.eval.sampling.max_new_tokens, cfg.eval.sampling.min_length) == (70, 41)
+    assert cfg.eval.sampling.min_new_tokens is None and cfg.eval.sampling.max_length is None
     assert cfg.eval.control_placement == "after" and cfg.eval.missing == "untagged"
     assert cfg.task.attributes.toxicity.scorer.variant == "unbiased"

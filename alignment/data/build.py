@@ -146,7 +146,11 @@ def build(data: DictConfig, task_cfg: DictConfig, tagging: bool, filter_threshol
     control_tokens = task.control_tokens if tagging else []
     add_control_tokens(tokenizer, control_tokens)
     ids = tokenizer(sentences, add_special_tokens=False)["input_ids"]
-    joiner = "\n" if data.sentences.get("kind") == "code" else " "  # a leading space would break Python code
+    # What goes between a document's sentences: a space (a leading space would break Python code: a newline), or
+    # data.joiner; study A's "" concatenates its segments as they are, their own whitespace and newlines kept.
+    joiner = data.get("joiner")
+    if joiner is None:
+        joiner = "\n" if data.sentences.get("kind") == "code" else " "
     spaced = tokenizer([joiner + s for s in sentences], add_special_tokens=False)["input_ids"]
     token_id = {t: tokenizer.convert_tokens_to_ids(t) for t in control_tokens}
     eos = tokenizer.eos_token_id

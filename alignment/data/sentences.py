@@ -215,7 +215,8 @@ class Sentencizer:
     rule: cleaning rule for text (see `clean`); kind="code" never cleans (pycodestyle must see
     the exact text) and splits with `split_code`.
     min_words / max_words: bounds on whitespace-separated words (for code: tokens) per
-    sentence; max_words None = no upper bound. Empty sentences are always dropped.
+    sentence; max_words None = no upper bound. Empty (or whitespace-only) sentences are dropped, unless
+    min_words is 0: study A kept a document's segments as they were, blank lines included.
     dedupe: drop a sentence (after cleaning) that was already kept earlier in this call.
     code_max_lines: snippet size for kind="code" (see `split_code`).
 
@@ -249,7 +250,7 @@ class Sentencizer:
 
     def _drop_reason(self, sentence: str, seen: set[str]) -> str | None:
         words = len(sentence.split())
-        if words == 0:
+        if words == 0 and self.min_words > 0:
             return "dropped_empty"
         if words < self.min_words:
             return "dropped_short"

@@ -139,6 +139,26 @@ def balanced_pool(sentences: list[dict], attributes: list[str], task: Task, size
     return pool
 
 
+LENGTHS = {"min_length": "min_new_tokens", "max_length": "max_new_tokens"}
+
+
+def new_token_limits(sampling, prompts: list[list[int]]) -> dict:
+    """`eval.sampling` as `sample()` takes it: Hugging Face's `min_length` / `max_length`, where set, replace the
+    new-token limits. transformers counts the prompt in them, and one `generate()` call pads every prompt to the
+    longest, so the limit on new tokens is the length minus the longest prompt (study B generated a row's 400
+    samples in one call; study A's prompts were EOS and the control tokens, as here)."""
+    settings = {key: value for key, value in sampling.items() if key not in LENGTHS}
+    width = max(len(prompt) for prompt in prompts)
+    for total, new in LENGTHS.items():
+        if sampling.get(total) is not None:
+            settings[new] = max(0, int(sampling[total]) - width)
+    if settings.get("max_new_tokens") is None:
+        raise ValueError("eval.sampling needs max_new_tokens or max_length")
+    if settings.get("min_new_tokens") is None:
+        settings.pop("min_new_tokens", None)  # no minimum
+    return settings
+
+
 def evaluate(model, tokenizer, task: Task, cfg, val_sentences: list[dict] | None = None) -> EvalResult:
     """Run the whole evaluation described by an `eval` config on a trained model."""
     result = EvalResult()
@@ -153,7 +173,7 @@ def evaluate(model, tokenizer, task: Task, cfg, val_sentences: list[dict] | None
             generated = sample(model, cond, eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
                                blocked_ids=blocked, guidance_scale=float(g),
                                uncond_prompts=uncond if g != 1.0 else None, batch_size=cfg.batch_size,
-                               seed=cfg.seed, **cfg.sampling)
+                               seed=cfg.seed, **new_token_limits(cfg.sampling, cond))
             seconds = time.perf_counter() - start
             outputs = tokenizer.batch_decode(generated, skip_special_tokens=True)
             row, rows_samples = score_outputs(task, conditioning, outputs, texts, tokens)

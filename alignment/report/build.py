@@ -10,6 +10,16 @@ from alignment.report.plots import plot_bars, plot_curves, plot_guidance, plot_p
 from alignment.report.query import CAPABILITY, curves_frame, get_run, guidance_frame, runs_frame, search
 from alignment.report.tables import cell, change, grid_tables, headline_table, markdown_table
 
+# Two views of "unconditioned -> conditioned" that differ on purpose: study B read each column under the tokens it
+# names (toxicity under <|nontoxic|> alone, sentiment under <|pos|> alone, joint under both); the generic table reads
+# every column under the run's full aligned combination. The headings say which is which.
+GRID_HEADING = "Study B's grid (seeds pooled; unconditioned → conditioned on the tokens each column names)"
+GRID_NOTE = ("A model is read only under tokens it trained on (–: it has none). Study B also read its none, tox and "
+             "sen models under tokens they never trained on (one shared tokenizer); those cells cannot be reproduced "
+             "here by construction.")
+ALIGNED_HEADING = ("Unconditioned → conditioned on the full aligned combination (misaligned %; every column under "
+                   "the row's `conditioning`)")
+
 
 def write_markdown(frame, guidance, attributes, plots: dict[str, str | None], title: str,
                    mlflow_runs: list | None = None) -> str:
@@ -30,14 +40,15 @@ def write_markdown(frame, guidance, attributes, plots: dict[str, str | None], ti
         parts += ["## At a glance", headline_table(mlflow_runs, frame)]
         grid, missing = grid_tables(mlflow_runs, frame)
         if grid:
-            parts += ["## Study B's grid (seeds pooled; unconditioned → conditioned)", grid]
+            parts += [f"## {GRID_HEADING}", grid, GRID_NOTE]
         if missing:
             parts += ["## Missing", "\n".join(f"- {line}" for line in dict.fromkeys(missing))]
     parts += ["## Runs (aligned conditioning)",
              markdown_table(["task", "objective", "run", "status", CAPABILITY, "conditioning"] +
                             [f"{a} %" for a in columns], runs),
-             "## Unconditioned → conditioned (misaligned %, `none` → aligned combination)",
-             markdown_table(["task", "objective", "conditioning"] + [f"{a} %" for a in columns], study_b)]
+             f"## {ALIGNED_HEADING}",
+             markdown_table(["task", "objective", "conditioning"] + [f"{a} %, none → conditioning" for a in columns],
+                            study_b)]
     if not guidance.empty:
         table = guidance[guidance.attribute == "joint"].pivot_table(index="label", columns="guidance",
                                                                     values="misaligned_pct", sort=False)

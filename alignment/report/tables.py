@@ -147,6 +147,7 @@ def change(before, after) -> str:
 
 
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    """A pipe table; a `|` inside a cell (a control token such as `<|pos|>`) is escaped, or it would end the cell."""
     lines = [header, ["---"] * len(header)] + rows
-    return "\n".join("| " + " | ".join(str(c) for c in line) + " |" for line in lines)
+    return "\n".join("| " + " | ".join(str(c).replace("|", "\\|") for c in line) + " |" for line in lines)
 
