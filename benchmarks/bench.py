@@ -10,7 +10,7 @@ that comes and goes hits both sides alike, so the ratio is what to read. Trainin
 steps (the same batch on both sides of a pair), so their two sides are never more than a second apart.
 A is always the alternative, B what the project does (KV cache, bf16, length grouping, corpus BPE, score cache).
 
-Comparisons (names for --only): sampling, precision, batching, vocabulary, scoring, memory.
+Comparisons (names for --only): loop, sampling, generate, precision, batching, vocabulary, scoring, memory.
 `--quick` shrinks every size so that the whole run takes seconds (the test runs it); the default takes a few
 minutes on 2 cores.
 """
@@ -57,6 +57,11 @@ SMALL_ARCH = OmegaConf.to_container(_DEFAULT.model.arch)
 BPE_VOCAB_SIZE = _DEFAULT.model.tokenizer.vocab_size
 OPTIMIZER = {key: value for key, value in OmegaConf.to_container(_DEFAULT.module.optimizer).items()
              if not key.startswith("_")}
+SAMPLING = _DEFAULT.eval.sampling
+# The default task's control tokens: the evaluation blocks them, and guidance contrasts prompts with and without them.
+# (Read from the config: building the Task would load its scorers.)
+CONTROL_TOKENS = [token for name in _DEFAULT.task.tagged for token in _DEFAULT.task.attributes[name].tokens]
+ALIGNED_TOKENS = [_DEFAULT.task.attributes[name].aligned for name in _DEFAULT.task.tagged]
 # The comparisons that are not about precision train as the default trainer does.
 TRAIN_BF16 = _DEFAULT.trainer.precision == "bf16-mixed"
 SEED = 0
@@ -73,14 +78,15 @@ class Sizes:
     prompt_words: int    # words of a sentence in each prompt (conf/eval/prompted.yaml: 4)
     new_tokens: int      # tokens generated per prompt (conf/eval/unconditional.yaml: 64)
     score_texts: int     # texts scored per repetition
+    loop_steps: int      # timed steps of each side of the Lightning-vs-bare-loop comparison
 
 
 # A few minutes on 2 idle cores. Sampling without a cache costs prompts x new_tokens^2 (the 50k-vocabulary model is
 # the other slow side), which is what caps these sizes on a shared machine.
 FULL = Sizes(tweets=None, sentences=16000, repeats=5, batch_size=32, train_pairs=21, prompts=32, prompt_words=4,
-             new_tokens=48, score_texts=3000)
+             new_tokens=48, score_texts=3000, loop_steps=100)
 QUICK = Sizes(tweets=1500, sentences=600, repeats=3, batch_size=8, train_pairs=3, prompts=8, prompt_words=4,
-              new_tokens=8, score_texts=200)
+              new_tokens=8, score_texts=200, loop_steps=4)
 
 
 @dataclass(frozen=True)
@@ -204,9 +210,8 @@ def greedy_without_cache(model, prompts: list[list[int]], *, eos_id: int, pad_id
     at every step. Same inputs as `sample(..., temperature=0, min_new_tokens=new_tokens)` (EOS held back, so every
     prompt gets exactly `new_tokens` tokens) and the same outputs, up to float rounding."""
     model.eval()
-    width = max(len(prompt) for prompt in prompts)
-    ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts])
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    ids, mask = left_padded(prompts, pad_id)
+    width = ids.shape[1]
     for _ in range(new_tokens):
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         # Only the last position's logits, as `sample` asks for: the baseline pays for the prefix, nothing more.
@@ -216,6 +221,37 @@ def greedy_without_cache(model, prompts: list[list[int]], *, eos_id: int, pad_id
         ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], dim=1)
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
     return ids[:, width:].tolist()
+
+
+def left_padded(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ids and attention mask of prompts padded on the left, as decoding needs them."""
+    width = max(len(prompt) for prompt in prompts)
+    ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    return ids, mask
+
+
+@torch.no_grad()
+def generate_hf(model, prompts: list[list[int]], *, eos_id: int, pad_id: int, new_tokens: int, temperature: float,
+                top_p: float = 1.0, blocked_ids: Sequence[int] = (), guidance_scale: float = 1.0,
+                uncond_prompts: list[list[int]] | None = None) -> list[list[int]]:
+    """What a user would call instead of `sample`: Hugging Face's `generate`, one batch, exactly `new_tokens` tokens
+    per prompt (min = max length), control tokens blocked with `bad_words_ids`, and with `guidance_scale` != 1 its own
+    classifier-free guidance (`negative_prompt_ids`: one more forward pass per step for the unconditioned prompts).
+    temperature 0 means greedy."""
+    model.eval()
+    ids, mask = left_padded(prompts, pad_id)
+    options = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if temperature else \
+        dict(do_sample=False)
+    if guidance_scale != 1.0:
+        negative, negative_mask = left_padded(uncond_prompts, pad_id)
+        options.update(guidance_scale=guidance_scale, negative_prompt_ids=negative,
+                       negative_prompt_attention_mask=negative_mask)
+    if blocked_ids:
+        options["bad_words_ids"] = [[token] for token in blocked_ids]
+    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                         pad_token_id=pad_id, eos_token_id=eos_id, **options)
+    return out[:, ids.shape[1]:].tolist()
 
 
 def padding_share(lengths: np.ndarray, batches: Sequence[np.ndarray]) -> float:
@@ -258,7 +294,7 @@ class Assets:
     @cached_property
     def bpe(self):
         tokenizer = train_bpe(self.corpus, BPE_VOCAB_SIZE)
-        add_control_tokens(tokenizer, [])  # the dedicated [PAD]
+        add_control_tokens(tokenizer, CONTROL_TOKENS)  # the dedicated [PAD] too, as the dataset build does
         return tokenizer
 
     @cached_property
@@ -323,6 +359,47 @@ def bench_sampling(assets: Assets) -> tuple[list[Row], list[str]]:
     row = Row("sampling: A recompute prefix, B KV cache", a, b, "tokens/s",
               f"KV-cache speed-up (greedy, {len(prompts)} prompts, {sizes.new_tokens} new tokens)")
     return [row], [f"sampling: both sides generated the same token at {same:.1%} of positions"]
+
+
+def bench_generate(assets: Assets) -> tuple[list[Row], list[str]]:
+    sizes, tokenizer = assets.sizes, assets.bpe
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    control = tokenizer.convert_tokens_to_ids(CONTROL_TOKENS)
+    words = [tokenizer(" ".join(s.split()[:sizes.prompt_words]), add_special_tokens=False)["input_ids"]
+             for s in assets.sentences[:sizes.prompts]]
+    # Prompted evaluation under the aligned combination: EOS, its control tokens, the first words; guidance
+    # contrasts each with the same words without the tokens.
+    aligned = tokenizer.convert_tokens_to_ids(ALIGNED_TOKENS)
+    prompts, uncond = [[eos] + aligned + w for w in words], [[eos] + w for w in words]
+    model = small_model(len(tokenizer)).eval()
+    n, g = sizes.new_tokens, max(_DEFAULT.eval.guidance_scales)
+    shared = dict(eos_id=eos, pad_id=pad, blocked_ids=control)
+    drawn = dict(temperature=SAMPLING.temperature, top_p=SAMPLING.top_p)
+
+    def ours(guidance=1.0, **settings):
+        return sample(model, prompts, max_new_tokens=n, min_new_tokens=n, guidance_scale=guidance,
+                      uncond_prompts=uncond if guidance != 1.0 else None, batch_size=len(prompts), **shared,
+                      **settings)
+
+    def theirs(guidance=1.0, **settings):
+        return generate_hf(model, prompts, new_tokens=n, guidance_scale=guidance, uncond_prompts=uncond, **shared,
+                           **settings)
+
+    def tokens(outputs):
+        return sum(map(len, outputs))
+
+    rows = []
+    for name, guidance in (("sampling", 1.0), ("guided sampling", g)):
+        a, b = interleaved(lambda: rate(lambda: tokens(theirs(guidance, **drawn))),
+                           lambda: rate(lambda: tokens(ours(guidance, **drawn))), sizes.repeats)
+        what = "generate's CFG (2nd pass), B one-pass guidance" if guidance != 1.0 else "generate, B project sampler"
+        rows.append(Row(f"{name}: A HF {what}", a, b, "tokens/s",
+                        f"T {drawn['temperature']}, top-p {drawn['top_p']}, control tokens blocked, {len(prompts)} "
+                        f"prompts x {n} tokens{f', g = {g:g}' if guidance != 1.0 else ''}; target >= 1.5"))
+    greedy_ours, greedy_theirs = ours(temperature=0), theirs(temperature=0)
+    same = np.mean([x == y for xs, ys in zip(greedy_ours, greedy_theirs) for x, y in zip(xs, ys)])
+    return rows, [f"generate: greedy decoding gave the same token as the project's sampler at {same:.1%} of "
+                  f"{tokens(greedy_ours)} positions"]
 
 
 def bench_precision(assets: Assets) -> tuple[list[Row], list[str]]:
@@ -419,8 +496,23 @@ def bench_memory(assets: Assets) -> tuple[list[Row], list[str]]:
                 "tokens), bf16 relative to fp32")], []
 
 
+def bench_loop(assets: Assets) -> tuple[list[Row], list[str]]:
+    from benchmarks.loop import lightning_vs_bare
+
+    sizes = assets.sizes
+    # The default run's data, model and trainer; quick mode only shrinks the corpus and the batch.
+    quick = [] if sizes.tweets is None else [f"data.source.limit={sizes.tweets}", "datamodule.progress=false",
+                                             f"datamodule.batch_size={sizes.batch_size}"]
+    result = lightning_vs_bare(quick, sizes.loop_steps)
+    return [Row("training: A bare PyTorch loop, B Lightning Trainer", result["bare"], result["lightning"], "tokens/s",
+                f"the project's step (default trainer: logging, progress bar, callbacks) vs a plain loop, "
+                f"{result['steps']} steps each, interleaved; target >= 0.97")], []
+
+
 BENCHMARKS: dict[str, Callable[[Assets], tuple[list[Row], list[str]]]] = {
+    "loop": bench_loop,
     "sampling": bench_sampling,
+    "generate": bench_generate,
     "precision": bench_precision,
     "batching": bench_batching,
     "vocabulary": bench_vocabulary,
