@@ -8,9 +8,12 @@ components -- tweet sentences from `TweetsSource` + `Sentencizer`, the trained 8
 (4 layers x 256, conf/model/small.yaml) -- and reports the median of each side and the ratio B/A. Background load
 that comes and goes hits both sides alike, so the ratio is what to read. Training comparisons alternate single
 steps (the same batch on both sides of a pair), so their two sides are never more than a second apart.
-A is always the alternative, B what the project does (KV cache, bf16, length grouping, corpus BPE, score cache).
+A is always the alternative, B what the project does (KV cache, bf16, length grouping, corpus BPE, score cache), or
+what a user would use instead against the project (a bare PyTorch loop vs the Lightning Trainer, Hugging Face's
+`generate` and `Trainer`); for MFU, A is the matmul peak measured in the same run and B the training step.
 
-Comparisons (names for --only): loop, sampling, generate, precision, batching, vocabulary, scoring, memory.
+Comparisons (names for --only): loop, sampling, generate, precision, batching, vocabulary, hf-trainer, scoring,
+memory, mfu. hf-trainer needs `accelerate` (transformers.Trainer does); without it that row is skipped with a note.
 `--quick` shrinks every size so that the whole run takes seconds (the test runs it); the default takes a few
 minutes on 2 cores.
 """
@@ -32,10 +35,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from alignment import CONF_DIR
 from alignment.data.datamodule import LengthGroupedSampler, collate
 from alignment.data.sentences import Sentencizer
 from alignment.data.sources import TweetsSource
@@ -43,16 +44,11 @@ from alignment.evaluation.sampling import sample
 from alignment.model import build_model
 from alignment.objectives import MLE
 from alignment.tokenizer import add_control_tokens, gpt2_tokenizer_offline, train_bpe
+from benchmarks.loop import default_config
 
-
-def _default_config():
-    """The shipped default config (conf/config.yaml as `python -m alignment` composes it): the benchmark measures
-    that model, vocabulary, optimiser and precision, so it reads them rather than keeping copies."""
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose(config_name="config")
-
-
-_DEFAULT = _default_config()
+# The shipped default config (conf/config.yaml as `python -m alignment` composes it): the benchmark measures that
+# model, vocabulary, optimiser and precision, so it reads them rather than keeping copies.
+_DEFAULT = default_config()
 SMALL_ARCH = OmegaConf.to_container(_DEFAULT.model.arch)
 BPE_VOCAB_SIZE = _DEFAULT.model.tokenizer.vocab_size
 OPTIMIZER = {key: value for key, value in OmegaConf.to_container(_DEFAULT.module.optimizer).items()
@@ -451,10 +447,76 @@ def bench_vocabulary(assets: Assets) -> tuple[list[Row], list[str]]:
     ], []
 
 
+def bench_hf_trainer(assets: Assets) -> tuple[list[Row], list[str]]:
+    from benchmarks.hf_trainer import MAX_LENGTH, accelerate_missing, padded_examples, trainer_vs_project
+
+    if accelerate_missing():
+        return [], ["hf-trainer: skipped (transformers.Trainer needs `pip install accelerate`)"]
+    sizes, bpe, gpt2 = assets.sizes, assets.bpe, assets.gpt2
+    batches = assets.train_batches(assets.bpe_sequences, grouped_batches(assets.bpe_lengths, sizes.batch_size),
+                                   bpe.pad_token_id)
+    bpe_model, gpt2_model = small_model(len(bpe)), small_model(len(gpt2))
+    trainer, project = trainer_vs_project(gpt2_model, padded_examples(gpt2, assets.sentences), OPTIMIZER,
+                                          sizes.batch_size, sizes.train_pairs, TRAIN_BF16,
+                                          stepper(bpe_model, optimizer_for(bpe_model), batches, TRAIN_BF16))
+    return [Row(f"training: A HF Trainer + GPT-2 {len(gpt2) // 1000}k padded to {MAX_LENGTH}, B project", trainer,
+                project, "sentences/s", f"study B's pipeline vs the project's (BPE {len(bpe) // 1000}k, "
+                f"length-grouped), same sentences and model size; target >= 5")], []
+
+
 def _with_characters(step: Callable[[], int], sentences: list[str], index_batches) -> Callable[[], np.ndarray]:
     """Wrap a stepper so that it returns [tokens, characters] of the batch it trained on (same cycling order)."""
     characters = itertools.cycle([sum(len(sentences[i]) for i in indices) for indices in index_batches])
     return lambda: np.array([step(), next(characters)], dtype=np.float64)
+
+
+def training_flops(model, batch: dict[str, torch.Tensor]) -> float:
+    """Matmul FLOPs of one training step on a padded batch (B x T): forward 2 FLOPs per weight and position plus
+    attention's two T x T products, backward twice the forward (the usual 6N + attention count, PaLM appendix B).
+    The weights are the 2-D ones: the blocks and the tied output head; the position table is a lookup, not a matmul."""
+    config = model.config
+    b, t = batch["input_ids"].shape
+    weights = sum(p.numel() for p in model.parameters() if p.ndim == 2) - config.n_positions * config.n_embd
+    forward = 2 * weights * b * t + 4 * config.n_layer * b * t * t * config.n_embd
+    return 3.0 * forward
+
+
+def matmul_flops(dtype: torch.dtype, size: int, repeats: int = 4) -> Callable[[], float]:
+    """A callable that multiplies two size x size matrices `repeats` times and returns the FLOPs done: the
+    machine's practical peak for this dtype (what a training step's large matmuls could reach at best)."""
+    x, y = torch.randn(size, size).to(dtype), torch.randn(size, size).to(dtype)
+
+    def run() -> float:
+        for _ in range(repeats):
+            torch.mm(x, y)
+        return 2.0 * size ** 3 * repeats
+
+    return run
+
+
+def bench_mfu(assets: Assets) -> tuple[list[Row], list[str]]:
+    sizes, pad = assets.sizes, assets.bpe.pad_token_id
+    batches = assets.train_batches(assets.bpe_sequences, grouped_batches(assets.bpe_lengths, sizes.batch_size), pad)
+    rows, peaks = [], {}
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        model = small_model(len(assets.bpe))
+        optimizer, cycle = optimizer_for(model), itertools.cycle(batches)
+
+        def step() -> float:
+            batch = next(cycle)
+            train_step(model, optimizer, batch, bf16=dtype == torch.bfloat16)
+            return training_flops(model, batch)
+
+        # Quick mode: a small product, so that the test stays quick; the real peak needs large matrices.
+        size = 1024 if sizes.tweets is None else 256
+        peak, achieved = interleaved(lambda: rate(matmul_flops(dtype, size)), lambda: rate(step), sizes.train_pairs)
+        peaks[name] = (peak, achieved)
+        rows.append(Row(f"MFU {name}: A matmul peak, B training step", peak / 1e9, achieved / 1e9, "GFLOP/s",
+                        f"model FLOPs utilisation of the default model's training step ({name})"))
+    (peak32, step32), (peak16, step16) = peaks["fp32"], peaks["bf16"]
+    note = (f"mfu: on this CPU bf16 matmuls peak at {peak16 / peak32:.2f}x fp32's, and the bf16 step runs at "
+            f"{step16 / step32:.2f}x the fp32 step (MFU {step32 / peak32:.1%} fp32, {step16 / peak16:.1%} bf16)")
+    return rows, [note]
 
 
 def bench_scoring(assets: Assets) -> tuple[list[Row], list[str]]:
@@ -516,8 +578,10 @@ BENCHMARKS: dict[str, Callable[[Assets], tuple[list[Row], list[str]]]] = {
     "precision": bench_precision,
     "batching": bench_batching,
     "vocabulary": bench_vocabulary,
+    "hf-trainer": bench_hf_trainer,
     "scoring": bench_scoring,
     "memory": bench_memory,
+    "mfu": bench_mfu,
 }
 
 

@@ -2,6 +2,7 @@
 
 No timing assertions: speed depends on the machine and its load; the benchmark reports ratios for people to read.
 """
+import importlib.util
 import math
 import re
 
@@ -26,10 +27,11 @@ from benchmarks.bench import (
     random_batches,
 )
 
+ACCELERATE = importlib.util.find_spec("accelerate") is not None  # transformers.Trainer's; dev installs it
 EXPECTED_ROWS = [  # (start of the name, unit), in the printed order
-    ("training", "tokens/s"),
+    ("training", "tokens/s"),  # the Lightning Trainer vs a bare loop
     ("sampling", "tokens/s"),
-    ("sampling", "tokens/s"),
+    ("sampling", "tokens/s"),  # generate
     ("guided sampling", "tokens/s"),
     ("train step", "tokens/s"),
     ("padding", "pad share"),
@@ -37,8 +39,11 @@ EXPECTED_ROWS = [  # (start of the name, unit), in the printed order
     ("vocabulary", "tokens/sent"),
     ("vocabulary", "tokens/s"),
     ("vocabulary", "chars/s"),
+    *([("training", "sentences/s")] if ACCELERATE else []),  # transformers.Trainer
     ("scoring", "texts/s"),
     ("peak memory", "MiB"),
+    ("MFU fp32", "GFLOP/s"),
+    ("MFU bf16", "GFLOP/s"),
 ]
 
 
@@ -68,6 +73,8 @@ def test_quick_run_prints_every_row_with_consistent_ratios(runs_dir, capsys):
     assert agreement and float(agreement.group(1)) >= 90
     # The project's sampler and Hugging Face's generate decode greedily the same tokens, every one of them.
     assert re.search(r"greedy decoding gave the same token as the project's sampler at 100.0% of [1-9]", printed)
+    assert ACCELERATE or "hf-trainer: skipped" in printed
+    assert re.search(r"MFU [0-9.]+% fp32, [0-9.]+% bf16", printed)
 
 
 def test_torch_threads_are_restored_after_a_run(capsys):
