@@ -568,7 +568,8 @@ def bench_loop(assets: Assets) -> tuple[list[Row], list[str]]:
     result = lightning_vs_bare(quick, sizes.loop_steps)
     return [Row("training: A bare PyTorch loop, B Lightning Trainer", result["bare"], result["lightning"], "tokens/s",
                 f"the project's step (default trainer: logging, progress bar, callbacks) vs a plain loop, "
-                f"{result['steps']} steps each, interleaved; target >= 0.97")], []
+                f"{result['steps']} steps each, interleaved; target >= 0.97")], \
+        [f"loop: both sides trained the same batches: {'yes' if result['same_batches'] else 'NO'}"]
 
 
 BENCHMARKS: dict[str, Callable[[Assets], tuple[list[Row], list[str]]]] = {

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import copy
 import itertools
+import os
 import tempfile
 import time
 
+import mlflow
 import pytorch_lightning as pl
 import torch
 from hydra import compose, initialize_config_dir
@@ -89,7 +91,8 @@ def rate(measurements: list[tuple[int, float]]) -> float:
 
 
 def lightning_vs_bare(overrides: list[str], steps: int, warmup: int = 3) -> dict:
-    """Train `steps` Lightning steps and as many bare ones, interleaved; return both rates and the batches' check.
+    """Train `steps` Lightning steps and as many bare ones, interleaved; return both rates (tokens/s), the number
+    of timed steps, and whether both sides trained the same batches (the same real tokens step by step).
 
     `overrides` shrink the default config (the quick mode); the trainer keeps the default's logging, progress bar,
     callbacks, precision and clipping. Validation is switched off: this compares training steps only.
@@ -113,6 +116,12 @@ def lightning_vs_bare(overrides: list[str], steps: int, warmup: int = 3) -> dict
         callbacks = [interleave] + [instantiate(c) for c in cfg.callbacks.values() if c and "_target_" in c]
         logger = instantiate(cfg.logger)
         trainer = instantiate(cfg.trainer, logger=logger, callbacks=callbacks)
-        trainer.fit(module, datamodule=datamodule)
+        # Lightning's MLflow logger sets the process's tracking URI (and MLFLOW_TRACKING_URI): put it back afterwards.
+        previous_uri = os.environ.get("MLFLOW_TRACKING_URI")
+        try:
+            trainer.fit(module, datamodule=datamodule)
+        finally:
+            mlflow.set_tracking_uri(previous_uri)
+    tokens = [t for t, _ in interleave.lightning], [t for t, _ in interleave.plain]
     return {"lightning": rate(interleave.lightning), "bare": rate(interleave.plain),
-            "steps": len(interleave.lightning)}
+            "steps": len(interleave.lightning), "same_batches": tokens[0] == tokens[1]}

@@ -74,6 +74,7 @@ def test_quick_run_prints_every_row_with_consistent_ratios(runs_dir, capsys):
     # The project's sampler and Hugging Face's generate decode greedily the same tokens, every one of them.
     assert re.search(r"greedy decoding gave the same token as the project's sampler at 100.0% of [1-9]", printed)
     assert ACCELERATE or "hf-trainer: skipped" in printed
+    assert "loop: both sides trained the same batches: yes" in printed
     assert re.search(r"MFU [0-9.]+% fp32, [0-9.]+% bf16", printed)
 
 
