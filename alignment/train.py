@@ -21,6 +21,7 @@ from alignment.evaluation.evaluator import describe_effects, evaluate, format_ta
 from alignment.model import build_model, count_parameters, resize_with_mean_init, save_model, set_generation_defaults
 from alignment.model_card import model_card
 from alignment.task import Task
+from alignment.timing import PhaseTimes
 
 log = logging.getLogger(__name__)
 TABLE_TITLE = ("Misaligned % of generated sentences (level contradicts the conditioning; a free attribute is judged "
@@ -41,10 +42,12 @@ def run(cfg: DictConfig) -> dict[str, float]:
     """Run one experiment; return its final metrics (for sweepers)."""
     pl.seed_everything(cfg.seed, workers=True)
     output_dir = Path(HydraConfig.get().runtime.output_dir)
+    phases = PhaseTimes()  # the clock starts: time per phase in MLflow (time/...) and at the end of the run
 
     datamodule = instantiate(cfg.datamodule)
     datamodule.prepare_data()
     tokenizer, meta = datamodule.tokenizer, datamodule.meta
+    phases.lap("data")
     model = build_model(vocab_size=len(tokenizer), arch=OmegaConf.to_container(cfg.model.arch, resolve=True)
                         if cfg.model.arch is not None else None, pretrained=cfg.model.pretrained,
                         gguf_file=cfg.model.get("gguf_file"), gguf_package=cfg.model.get("gguf_package"))
@@ -55,10 +58,10 @@ def run(cfg: DictConfig) -> dict[str, float]:
     task = Task.from_config(cfg.task).as_trained(meta, cfg.objective.tagging)
 
     logger = instantiate(cfg.logger, tags=tracking.run_tags(cfg))
-    callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None and "_target_" in c]
+    callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None and "_target_" in c] + [phases]
     if cfg.evaluate and cfg.eval.curve.every_n_steps > 0:
         callbacks.append(AlignmentCurve(task, tokenizer, cfg.eval, datamodule.val_sentences(),
-                                        cfg.eval.curve.every_n_steps, cfg.eval.curve.num_samples))
+                                        cfg.eval.curve.every_n_steps, cfg.eval.curve.num_samples, phases))
     trainer: pl.Trainer = instantiate(cfg.trainer, logger=logger, callbacks=callbacks)
     if trainer.is_global_zero:
         tracking.log_setup(logger, cfg, meta)
@@ -68,26 +71,33 @@ def run(cfg: DictConfig) -> dict[str, float]:
         (output_dir / "mlflow_run_id").write_text(logger.run_id)
         log.info("Model: %.2fM parameters; data: %s", count_parameters(model) / 1e6,
                  {k: meta["stats"][k] for k in ("train_examples", "train_tokens", "val_examples")})
+    phases.lap("setup")
     if cfg.train:
         trainer.fit(module, datamodule=datamodule)
+        phases.lap("training")
     if not trainer.is_global_zero:
         return {}  # other DDP ranks stop here; rank 0 saves and evaluates
 
     results = _scalars(trainer)
     try:
-        results.update(save_and_evaluate(cfg, trainer, logger, model, tokenizer, task, datamodule, output_dir))
+        results.update(save_and_evaluate(cfg, trainer, logger, model, tokenizer, task, datamodule, output_dir, phases))
+        tracking.log_summary(logger, phases.metrics())
     except BaseException:
         # fit() already marked the MLflow run FINISHED; a run without its evaluation must not look complete.
         logger.experiment.set_terminated(logger.run_id, "FAILED")
         raise
     logger.finalize("success")
+    print(f"\n{phases.summary()}")
     print(f"\nOutputs: {output_dir}\nMLflow run: {logger.run_id} in experiment '{cfg.logger.experiment_name}'\n"
           + tracking.ui_links(cfg.logger.tracking_uri, logger.experiment_id, logger.run_id))
     return results
 
 
-def save_and_evaluate(cfg, trainer, logger, model, tokenizer, task, datamodule, output_dir: Path) -> dict[str, float]:
-    """After training, on global rank 0: save the model, evaluate it, log and print the results."""
+def save_and_evaluate(cfg, trainer, logger, model, tokenizer, task, datamodule, output_dir: Path,
+                      phases: PhaseTimes | None = None) -> dict[str, float]:
+    """After training, on global rank 0: save the model, evaluate it, log and print the results (and book the
+    time of both in `phases`)."""
+    phases = phases or PhaseTimes()
     results: dict[str, float] = {}
     card = partial(model_card, cfg, task, datamodule.meta, steps=trainer.global_step,
                    parameters=count_parameters(model), eos_token=tokenizer.eos_token,
@@ -99,6 +109,7 @@ def save_and_evaluate(cfg, trainer, logger, model, tokenizer, task, datamodule, 
         if cfg.log_mlflow_model:
             tracking.log_mlflow_model(logger, model_dir)
         log.info("Saved model and tokenizer to %s", model_dir)
+        phases.lap("saving")
     if cfg.evaluate:
         model.to(trainer.strategy.root_device).eval()  # Lightning moves the module back to CPU after fit
         evaluation = evaluate(model, tokenizer, task, cfg.eval, datamodule.val_sentences())
@@ -118,6 +129,7 @@ def save_and_evaluate(cfg, trainer, logger, model, tokenizer, task, datamodule, 
         if cfg.save_model:  # the card again, now with the evaluation table
             (model_dir / "README.md").write_text(card(metrics=_scalars(trainer), eval_table=f"{table}\n\n{effects}"))
             logger.experiment.log_artifact(logger.run_id, str(model_dir / "README.md"), artifact_path="model")
+        phases.lap("evaluation")
     return results
 
 

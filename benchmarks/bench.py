@@ -8,9 +8,12 @@ components -- tweet sentences from `TweetsSource` + `Sentencizer`, the trained 8
 (4 layers x 256, conf/model/small.yaml) -- and reports the median of each side and the ratio B/A. Background load
 that comes and goes hits both sides alike, so the ratio is what to read. Training comparisons alternate single
 steps (the same batch on both sides of a pair), so their two sides are never more than a second apart.
-A is always the alternative, B what the project does (KV cache, bf16, length grouping, corpus BPE, score cache).
+A is always the alternative, B what the project does (KV cache, bf16, length grouping, corpus BPE, score cache), or
+what a user would use instead against the project (a bare PyTorch loop vs the Lightning Trainer, Hugging Face's
+`generate` and `Trainer`); for MFU, A is the matmul peak measured in the same run and B the training step.
 
-Comparisons (names for --only): sampling, precision, batching, vocabulary, scoring, memory.
+Comparisons (names for --only): loop, sampling, generate, precision, batching, vocabulary, hf-trainer, scoring,
+memory, mfu. hf-trainer needs `accelerate` (transformers.Trainer does); without it that row is skipped with a note.
 `--quick` shrinks every size so that the whole run takes seconds (the test runs it); the default takes a few
 minutes on 2 cores.
 """
@@ -32,10 +35,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from alignment import CONF_DIR
 from alignment.data.datamodule import LengthGroupedSampler, collate
 from alignment.data.sentences import Sentencizer
 from alignment.data.sources import TweetsSource
@@ -43,20 +44,20 @@ from alignment.evaluation.sampling import sample
 from alignment.model import build_model
 from alignment.objectives import MLE
 from alignment.tokenizer import add_control_tokens, gpt2_tokenizer_offline, train_bpe
+from benchmarks.loop import default_config
 
-
-def _default_config():
-    """The shipped default config (conf/config.yaml as `python -m alignment` composes it): the benchmark measures
-    that model, vocabulary, optimiser and precision, so it reads them rather than keeping copies."""
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose(config_name="config")
-
-
-_DEFAULT = _default_config()
+# The shipped default config (conf/config.yaml as `python -m alignment` composes it): the benchmark measures that
+# model, vocabulary, optimiser and precision, so it reads them rather than keeping copies.
+_DEFAULT = default_config()
 SMALL_ARCH = OmegaConf.to_container(_DEFAULT.model.arch)
 BPE_VOCAB_SIZE = _DEFAULT.model.tokenizer.vocab_size
 OPTIMIZER = {key: value for key, value in OmegaConf.to_container(_DEFAULT.module.optimizer).items()
              if not key.startswith("_")}
+SAMPLING = _DEFAULT.eval.sampling
+# The default task's control tokens: the evaluation blocks them, and guidance contrasts prompts with and without them.
+# (Read from the config: building the Task would load its scorers.)
+CONTROL_TOKENS = [token for name in _DEFAULT.task.tagged for token in _DEFAULT.task.attributes[name].tokens]
+ALIGNED_TOKENS = [_DEFAULT.task.attributes[name].aligned for name in _DEFAULT.task.tagged]
 # The comparisons that are not about precision train as the default trainer does.
 TRAIN_BF16 = _DEFAULT.trainer.precision == "bf16-mixed"
 SEED = 0
@@ -73,14 +74,15 @@ class Sizes:
     prompt_words: int    # words of a sentence in each prompt (conf/eval/prompted.yaml: 4)
     new_tokens: int      # tokens generated per prompt (conf/eval/unconditional.yaml: 64)
     score_texts: int     # texts scored per repetition
+    loop_steps: int      # timed steps of each side of the Lightning-vs-bare-loop comparison
 
 
 # A few minutes on 2 idle cores. Sampling without a cache costs prompts x new_tokens^2 (the 50k-vocabulary model is
 # the other slow side), which is what caps these sizes on a shared machine.
 FULL = Sizes(tweets=None, sentences=16000, repeats=5, batch_size=32, train_pairs=21, prompts=32, prompt_words=4,
-             new_tokens=48, score_texts=3000)
+             new_tokens=48, score_texts=3000, loop_steps=100)
 QUICK = Sizes(tweets=1500, sentences=600, repeats=3, batch_size=8, train_pairs=3, prompts=8, prompt_words=4,
-              new_tokens=8, score_texts=200)
+              new_tokens=8, score_texts=200, loop_steps=4)
 
 
 @dataclass(frozen=True)
@@ -204,9 +206,8 @@ def greedy_without_cache(model, prompts: list[list[int]], *, eos_id: int, pad_id
     at every step. Same inputs as `sample(..., temperature=0, min_new_tokens=new_tokens)` (EOS held back, so every
     prompt gets exactly `new_tokens` tokens) and the same outputs, up to float rounding."""
     model.eval()
-    width = max(len(prompt) for prompt in prompts)
-    ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts])
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    ids, mask = left_padded(prompts, pad_id)
+    width = ids.shape[1]
     for _ in range(new_tokens):
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         # Only the last position's logits, as `sample` asks for: the baseline pays for the prefix, nothing more.
@@ -216,6 +217,37 @@ def greedy_without_cache(model, prompts: list[list[int]], *, eos_id: int, pad_id
         ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], dim=1)
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
     return ids[:, width:].tolist()
+
+
+def left_padded(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ids and attention mask of prompts padded on the left, as decoding needs them."""
+    width = max(len(prompt) for prompt in prompts)
+    ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    return ids, mask
+
+
+@torch.no_grad()
+def generate_hf(model, prompts: list[list[int]], *, eos_id: int, pad_id: int, new_tokens: int, temperature: float,
+                top_p: float = 1.0, blocked_ids: Sequence[int] = (), guidance_scale: float = 1.0,
+                uncond_prompts: list[list[int]] | None = None) -> list[list[int]]:
+    """What a user would call instead of `sample`: Hugging Face's `generate`, one batch, exactly `new_tokens` tokens
+    per prompt (min = max length), control tokens blocked with `bad_words_ids`, and with `guidance_scale` != 1 its own
+    classifier-free guidance (`negative_prompt_ids`: one more forward pass per step for the unconditioned prompts).
+    temperature 0 means greedy."""
+    model.eval()
+    ids, mask = left_padded(prompts, pad_id)
+    options = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if temperature else \
+        dict(do_sample=False)
+    if guidance_scale != 1.0:
+        negative, negative_mask = left_padded(uncond_prompts, pad_id)
+        options.update(guidance_scale=guidance_scale, negative_prompt_ids=negative,
+                       negative_prompt_attention_mask=negative_mask)
+    if blocked_ids:
+        options["bad_words_ids"] = [[token] for token in blocked_ids]
+    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                         pad_token_id=pad_id, eos_token_id=eos_id, **options)
+    return out[:, ids.shape[1]:].tolist()
 
 
 def padding_share(lengths: np.ndarray, batches: Sequence[np.ndarray]) -> float:
@@ -258,7 +290,7 @@ class Assets:
     @cached_property
     def bpe(self):
         tokenizer = train_bpe(self.corpus, BPE_VOCAB_SIZE)
-        add_control_tokens(tokenizer, [])  # the dedicated [PAD]
+        add_control_tokens(tokenizer, CONTROL_TOKENS)  # the dedicated [PAD] too, as the dataset build does
         return tokenizer
 
     @cached_property
@@ -325,6 +357,47 @@ def bench_sampling(assets: Assets) -> tuple[list[Row], list[str]]:
     return [row], [f"sampling: both sides generated the same token at {same:.1%} of positions"]
 
 
+def bench_generate(assets: Assets) -> tuple[list[Row], list[str]]:
+    sizes, tokenizer = assets.sizes, assets.bpe
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    control = tokenizer.convert_tokens_to_ids(CONTROL_TOKENS)
+    words = [tokenizer(" ".join(s.split()[:sizes.prompt_words]), add_special_tokens=False)["input_ids"]
+             for s in assets.sentences[:sizes.prompts]]
+    # Prompted evaluation under the aligned combination: EOS, its control tokens, the first words; guidance
+    # contrasts each with the same words without the tokens.
+    aligned = tokenizer.convert_tokens_to_ids(ALIGNED_TOKENS)
+    prompts, uncond = [[eos] + aligned + w for w in words], [[eos] + w for w in words]
+    model = small_model(len(tokenizer)).eval()
+    n, g = sizes.new_tokens, max(_DEFAULT.eval.guidance_scales)
+    shared = dict(eos_id=eos, pad_id=pad, blocked_ids=control)
+    drawn = dict(temperature=SAMPLING.temperature, top_p=SAMPLING.top_p)
+
+    def ours(guidance=1.0, **settings):
+        return sample(model, prompts, max_new_tokens=n, min_new_tokens=n, guidance_scale=guidance,
+                      uncond_prompts=uncond if guidance != 1.0 else None, batch_size=len(prompts), **shared,
+                      **settings)
+
+    def theirs(guidance=1.0, **settings):
+        return generate_hf(model, prompts, new_tokens=n, guidance_scale=guidance, uncond_prompts=uncond, **shared,
+                           **settings)
+
+    def tokens(outputs):
+        return sum(map(len, outputs))
+
+    rows = []
+    for name, guidance in (("sampling", 1.0), ("guided sampling", g)):
+        a, b = interleaved(lambda: rate(lambda: tokens(theirs(guidance, **drawn))),
+                           lambda: rate(lambda: tokens(ours(guidance, **drawn))), sizes.repeats)
+        what = "generate's CFG (2nd pass), B one-pass guidance" if guidance != 1.0 else "generate, B project sampler"
+        rows.append(Row(f"{name}: A HF {what}", a, b, "tokens/s",
+                        f"T {drawn['temperature']}, top-p {drawn['top_p']}, control tokens blocked, {len(prompts)} "
+                        f"prompts x {n} tokens{f', g = {g:g}' if guidance != 1.0 else ''}; target >= 1.5"))
+    greedy_ours, greedy_theirs = ours(temperature=0), theirs(temperature=0)
+    same = np.mean([x == y for xs, ys in zip(greedy_ours, greedy_theirs) for x, y in zip(xs, ys)])
+    return rows, [f"generate: greedy decoding gave the same token as the project's sampler at {same:.1%} of "
+                  f"{tokens(greedy_ours)} positions"]
+
+
 def bench_precision(assets: Assets) -> tuple[list[Row], list[str]]:
     sizes, pad = assets.sizes, assets.bpe.pad_token_id
     batches = assets.train_batches(assets.bpe_sequences, grouped_batches(assets.bpe_lengths, sizes.batch_size), pad)
@@ -374,10 +447,76 @@ def bench_vocabulary(assets: Assets) -> tuple[list[Row], list[str]]:
     ], []
 
 
+def bench_hf_trainer(assets: Assets) -> tuple[list[Row], list[str]]:
+    from benchmarks.hf_trainer import MAX_LENGTH, accelerate_missing, padded_examples, trainer_vs_project
+
+    if accelerate_missing():
+        return [], ["hf-trainer: skipped (transformers.Trainer needs `pip install accelerate`)"]
+    sizes, bpe, gpt2 = assets.sizes, assets.bpe, assets.gpt2
+    batches = assets.train_batches(assets.bpe_sequences, grouped_batches(assets.bpe_lengths, sizes.batch_size),
+                                   bpe.pad_token_id)
+    bpe_model, gpt2_model = small_model(len(bpe)), small_model(len(gpt2))
+    trainer, project = trainer_vs_project(gpt2_model, padded_examples(gpt2, assets.sentences), OPTIMIZER,
+                                          sizes.batch_size, sizes.train_pairs, TRAIN_BF16,
+                                          stepper(bpe_model, optimizer_for(bpe_model), batches, TRAIN_BF16))
+    return [Row(f"training: A HF Trainer + GPT-2 {len(gpt2) // 1000}k padded to {MAX_LENGTH}, B project", trainer,
+                project, "sentences/s", f"study B's pipeline vs the project's (BPE {len(bpe) // 1000}k, "
+                f"length-grouped), same sentences and model size; target >= 5")], []
+
+
 def _with_characters(step: Callable[[], int], sentences: list[str], index_batches) -> Callable[[], np.ndarray]:
     """Wrap a stepper so that it returns [tokens, characters] of the batch it trained on (same cycling order)."""
     characters = itertools.cycle([sum(len(sentences[i]) for i in indices) for indices in index_batches])
     return lambda: np.array([step(), next(characters)], dtype=np.float64)
+
+
+def training_flops(model, batch: dict[str, torch.Tensor]) -> float:
+    """Matmul FLOPs of one training step on a padded batch (B x T): forward 2 FLOPs per weight and position plus
+    attention's two T x T products, backward twice the forward (the usual 6N + attention count, PaLM appendix B).
+    The weights are the 2-D ones: the blocks and the tied output head; the position table is a lookup, not a matmul."""
+    config = model.config
+    b, t = batch["input_ids"].shape
+    weights = sum(p.numel() for p in model.parameters() if p.ndim == 2) - config.n_positions * config.n_embd
+    forward = 2 * weights * b * t + 4 * config.n_layer * b * t * t * config.n_embd
+    return 3.0 * forward
+
+
+def matmul_flops(dtype: torch.dtype, size: int, repeats: int = 4) -> Callable[[], float]:
+    """A callable that multiplies two size x size matrices `repeats` times and returns the FLOPs done: the
+    machine's practical peak for this dtype (what a training step's large matmuls could reach at best)."""
+    x, y = torch.randn(size, size).to(dtype), torch.randn(size, size).to(dtype)
+
+    def run() -> float:
+        for _ in range(repeats):
+            torch.mm(x, y)
+        return 2.0 * size ** 3 * repeats
+
+    return run
+
+
+def bench_mfu(assets: Assets) -> tuple[list[Row], list[str]]:
+    sizes, pad = assets.sizes, assets.bpe.pad_token_id
+    batches = assets.train_batches(assets.bpe_sequences, grouped_batches(assets.bpe_lengths, sizes.batch_size), pad)
+    rows, peaks = [], {}
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        model = small_model(len(assets.bpe))
+        optimizer, cycle = optimizer_for(model), itertools.cycle(batches)
+
+        def step() -> float:
+            batch = next(cycle)
+            train_step(model, optimizer, batch, bf16=dtype == torch.bfloat16)
+            return training_flops(model, batch)
+
+        # Quick mode: a small product, so that the test stays quick; the real peak needs large matrices.
+        size = 1024 if sizes.tweets is None else 256
+        peak, achieved = interleaved(lambda: rate(matmul_flops(dtype, size)), lambda: rate(step), sizes.train_pairs)
+        peaks[name] = (peak, achieved)
+        rows.append(Row(f"MFU {name}: A matmul peak, B training step", peak / 1e9, achieved / 1e9, "GFLOP/s",
+                        f"model FLOPs utilisation of the default model's training step ({name})"))
+    (peak32, step32), (peak16, step16) = peaks["fp32"], peaks["bf16"]
+    note = (f"mfu: on this CPU bf16 matmuls peak at {peak16 / peak32:.2f}x fp32's, and the bf16 step runs at "
+            f"{step16 / step32:.2f}x the fp32 step (MFU {step32 / peak32:.1%} fp32, {step16 / peak16:.1%} bf16)")
+    return rows, [note]
 
 
 def bench_scoring(assets: Assets) -> tuple[list[Row], list[str]]:
@@ -419,13 +558,31 @@ def bench_memory(assets: Assets) -> tuple[list[Row], list[str]]:
                 "tokens), bf16 relative to fp32")], []
 
 
+def bench_loop(assets: Assets) -> tuple[list[Row], list[str]]:
+    from benchmarks.loop import lightning_vs_bare
+
+    sizes = assets.sizes
+    # The default run's data, model and trainer; quick mode only shrinks the corpus and the batch.
+    quick = [] if sizes.tweets is None else [f"data.source.limit={sizes.tweets}", "datamodule.progress=false",
+                                             f"datamodule.batch_size={sizes.batch_size}"]
+    result = lightning_vs_bare(quick, sizes.loop_steps)
+    return [Row("training: A bare PyTorch loop, B Lightning Trainer", result["bare"], result["lightning"], "tokens/s",
+                f"the project's step (default trainer: logging, progress bar, callbacks) vs a plain loop, "
+                f"{result['steps']} steps each, interleaved; target >= 0.97")], \
+        [f"loop: both sides trained the same batches: {'yes' if result['same_batches'] else 'NO'}"]
+
+
 BENCHMARKS: dict[str, Callable[[Assets], tuple[list[Row], list[str]]]] = {
+    "loop": bench_loop,
     "sampling": bench_sampling,
+    "generate": bench_generate,
     "precision": bench_precision,
     "batching": bench_batching,
     "vocabulary": bench_vocabulary,
+    "hf-trainer": bench_hf_trainer,
     "scoring": bench_scoring,
     "memory": bench_memory,
+    "mfu": bench_mfu,
 }
 
 

@@ -2,6 +2,7 @@
 
 No timing assertions: speed depends on the machine and its load; the benchmark reports ratios for people to read.
 """
+import importlib.util
 import math
 import re
 
@@ -15,6 +16,7 @@ from benchmarks.bench import (
     Row,
     format_number,
     format_table,
+    generate_hf,
     greedy_without_cache,
     grouped_batches,
     interleaved,
@@ -25,16 +27,23 @@ from benchmarks.bench import (
     random_batches,
 )
 
+ACCELERATE = importlib.util.find_spec("accelerate") is not None  # transformers.Trainer's; dev installs it
 EXPECTED_ROWS = [  # (start of the name, unit), in the printed order
+    ("training", "tokens/s"),  # the Lightning Trainer vs a bare loop
     ("sampling", "tokens/s"),
+    ("sampling", "tokens/s"),  # generate
+    ("guided sampling", "tokens/s"),
     ("train step", "tokens/s"),
     ("padding", "pad share"),
     ("batching", "real tok/s"),
     ("vocabulary", "tokens/sent"),
     ("vocabulary", "tokens/s"),
     ("vocabulary", "chars/s"),
+    *([("training", "sentences/s")] if ACCELERATE else []),  # transformers.Trainer
     ("scoring", "texts/s"),
     ("peak memory", "MiB"),
+    ("MFU fp32", "GFLOP/s"),
+    ("MFU bf16", "GFLOP/s"),
 ]
 
 
@@ -44,7 +53,7 @@ def table_rows(printed: str) -> list[list[str]]:
     return [[cell.strip() for cell in line.strip("|").split("|")] for line in lines[1:]]
 
 
-def test_quick_run_prints_every_row_with_consistent_ratios(capsys):
+def test_quick_run_prints_every_row_with_consistent_ratios(runs_dir, capsys):
     # One thread: on a busy 2-core machine two threads spend most of their time waiting for each other.
     returned = main(["--quick", "--threads", "1"])
     printed = capsys.readouterr().out
@@ -62,6 +71,11 @@ def test_quick_run_prints_every_row_with_consistent_ratios(capsys):
     # The no-cache baseline decodes the same tokens (a float near-tie may flip one and change the rest of its row).
     agreement = re.search(r"same token at ([0-9.]+)% of positions", printed)
     assert agreement and float(agreement.group(1)) >= 90
+    # The project's sampler and Hugging Face's generate decode greedily the same tokens, every one of them.
+    assert re.search(r"greedy decoding gave the same token as the project's sampler at 100.0% of [1-9]", printed)
+    assert ACCELERATE or "hf-trainer: skipped" in printed
+    assert "loop: both sides trained the same batches: yes" in printed
+    assert re.search(r"MFU [0-9.]+% fp32, [0-9.]+% bf16", printed)
 
 
 def test_torch_threads_are_restored_after_a_run(capsys):
@@ -113,6 +127,23 @@ def test_greedy_without_cache_decodes_what_sample_decodes():
     cached = sample(model, prompts, eos_id=0, pad_id=39, max_new_tokens=10, min_new_tokens=10, temperature=0)
     assert baseline == cached
     assert all(len(tokens) == 10 and 0 not in tokens for tokens in baseline)  # EOS held back, as in `sample`
+
+
+def test_greedy_sample_equals_generate_token_for_token():
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=40, n_positions=64, n_layer=2, n_embd=16, n_head=2, initializer_range=0.3)
+    model = GPT2LMHeadModel(config).eval()
+    prompts = [[0, 5, 6, 7], [0], [0, 9, 9, 3, 12, 30, 2]]
+    blocked = [33, 34, 35]
+    ours = sample(model, prompts, eos_id=0, pad_id=39, max_new_tokens=12, min_new_tokens=12, temperature=0,
+                  blocked_ids=blocked)
+    theirs = generate_hf(model, prompts, eos_id=0, pad_id=39, new_tokens=12, temperature=0, blocked_ids=blocked)
+    assert ours == theirs
+    assert all(len(tokens) == 12 and not {0, *blocked} & set(tokens) for tokens in ours)
+    # Without the ban too (the blocked ids then do occur).
+    free = sample(model, prompts, eos_id=0, pad_id=39, max_new_tokens=12, min_new_tokens=12, temperature=0)
+    assert free == generate_hf(model, prompts, eos_id=0, pad_id=39, new_tokens=12, temperature=0)
+    assert any(set(blocked) & set(tokens) for tokens in free)
 
 
 def test_row_ratio_and_table_format():

@@ -73,6 +73,18 @@ def test_cli_bad_override_message():
     assert "Could not find 'objective/nope'" in out.stderr and "Available options" in out.stderr
 
 
+@pytest.mark.parametrize("argument", ["--help", "objective=nope"])
+def test_cli_answers_help_and_config_errors_without_the_heavy_imports(argument):
+    """Start-up stays within a few seconds: the slow imports (torch, Lightning, transformers, MLflow) wait until a
+    run starts. `-X importtime` lists every module the process imported."""
+    out = subprocess.run([sys.executable, "-X", "importtime", "-m", "alignment", argument], capture_output=True,
+                         text=True, timeout=120)
+    imported = {line.rsplit("|", 1)[1].strip().split(".")[0] for line in out.stderr.splitlines()
+                if line.startswith("import time:") and "|" in line}
+    assert "hydra" in imported  # the listing works
+    assert not imported & {"torch", "pytorch_lightning", "lightning", "transformers", "mlflow"}
+
+
 def slurm_launcher(*overrides: str) -> dict:
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):

@@ -64,6 +64,13 @@ def test_default_experiment_end_to_end(tiny_config, tmp_path, capsys):
     printed = capsys.readouterr().out
     page = f"http://127.0.0.1:5000/#/experiments/{mlrun.info.experiment_id}/runs"
     assert f"this run:   {page}/{mlrun.info.run_id}\n" in printed and f"runs table: {page}\n" in printed
+    # Where the run's time went (alignment.timing): every phase of this run, adding up to the total, and printed.
+    phases = {key: value for key, value in metrics.items() if key.startswith("time/")}
+    assert set(phases) == {f"time/{name}" for name in ("data", "setup", "training", "validation", "curve", "saving",
+                                                        "evaluation", "total")}
+    assert all(value >= 0 for value in phases.values())
+    assert sum(value for key, value in phases.items() if key != "time/total") == pytest.approx(phases["time/total"])
+    assert "Time per phase: data " in printed and "curve " in printed
 
     # The saved model loads with no project code, control tokens included.
     model_dir = tmp_path / "out" / "model"

@@ -3,6 +3,7 @@ shows misalignment against tokens seen during training, as study A's figures do.
 from __future__ import annotations
 
 import copy
+from contextlib import nullcontext
 
 import pytorch_lightning as pl
 from omegaconf import DictConfig, open_dict
@@ -13,7 +14,7 @@ from alignment.task import Task
 
 class AlignmentCurve(pl.Callback):
     def __init__(self, task: Task, tokenizer, eval_cfg: DictConfig, val_sentences: list[dict],
-                 every_n_steps: int, num_samples: int):
+                 every_n_steps: int, num_samples: int, phases=None):
         if every_n_steps <= 0 or num_samples <= 0:
             raise ValueError("eval.curve.every_n_steps and eval.curve.num_samples must be positive")
         self.task, self.tokenizer, self.val_sentences = task, tokenizer, val_sentences
@@ -26,6 +27,7 @@ class AlignmentCurve(pl.Callback):
             self.cfg.combinations = eval_cfg.curve.get("combinations", "all")
             self.cfg.reference = None  # the KL from a reference model is for the final evaluation only
         self.last_step = -1
+        self.phases = phases  # an alignment.timing.PhaseTimes that books the curve's time apart from training
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if trainer.global_step % self.every_n_steps == 0 and trainer.global_step != self.last_step:
@@ -40,7 +42,8 @@ class AlignmentCurve(pl.Callback):
         if not trainer.is_global_zero or trainer.logger is None:
             return
         was_training = pl_module.training
-        result = evaluate(pl_module.model, self.tokenizer, self.task, self.cfg, self.val_sentences)
+        with self.phases.phase("curve") if self.phases is not None else nullcontext():
+            result = evaluate(pl_module.model, self.tokenizer, self.task, self.cfg, self.val_sentences)
         pl_module.train(was_training)
         metrics = {"curve/tokens_seen": float(pl_module.tokens_seen)}
         for row in result.rows:
