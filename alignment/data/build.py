@@ -25,7 +25,7 @@ from alignment.task import Task, resolve_threshold
 from alignment.tokenizer import add_control_tokens, load_tokenizer
 
 log = logging.getLogger(__name__)
-BUILD_VERSION = 2  # bump when the on-disk layout or the build logic changes
+BUILD_VERSION = 3  # bump when the on-disk layout or the build logic changes
 
 
 @dataclass
@@ -88,12 +88,13 @@ def _score_into(scores, task, sentences, documents, cache, progress):
         scores[name] = score_with_cache(attribute.scorer, sentences, cache, progress=progress)
 
 
-def build(data: DictConfig, task_cfg: DictConfig, tagging: bool, filter_threshold, tokenizer_cfg: DictConfig,
+def build(data: DictConfig, task: Task, tagging: bool, filter_threshold, tokenizer_cfg: DictConfig,
           cache_dir: str | Path, progress: bool = True) -> Path:
     """Build (or find in the cache) the dataset; return its folder."""
     cache_dir = Path(cache_dir)
     key_cfg = {name: OmegaConf.to_container(c, resolve=True) for name, c in
-               dict(data=data, task=task_cfg, tokenizer=tokenizer_cfg).items()}
+               dict(data=data, tokenizer=tokenizer_cfg).items()}
+    key_cfg["task"] = task.config
     key_cfg.update(tagging=bool(tagging), filter_threshold=OmegaConf.to_container(filter_threshold, resolve=True)
                    if isinstance(filter_threshold, DictConfig) else filter_threshold)
     folder = cache_dir / "datasets" / dataset_key(key_cfg)
@@ -101,7 +102,6 @@ def build(data: DictConfig, task_cfg: DictConfig, tagging: bool, filter_threshol
         log.info("Dataset cache hit: %s", folder)
         return folder
 
-    task = Task.from_config(task_cfg)
     documents, sentence_stats = read_documents(data)
     rng = np.random.default_rng(int(data.seed))
     # Split by document so that no document's sentences leak from train into validation.
@@ -116,10 +116,11 @@ def build(data: DictConfig, task_cfg: DictConfig, tagging: bool, filter_threshol
     doc_of = np.repeat(np.arange(len(documents)), [len(d["sentences"]) for d in documents])
     scores = score_attributes(task, sentences, documents, cache_dir, progress)
     train_mask = ~is_val[doc_of]
-    for name, attribute in task.attributes.items():
-        attribute.resolve(scores[name][train_mask])  # quantile thresholds come from the training split only
-    levels = {name: a.levels(scores[name]) for name, a in task.attributes.items()}
     combined = task.combined_misalignment(scores)
+    # Quantile thresholds come from the training split only; the task's own threshold in float32, the units of the
+    # per-token scores the objectives compare it with.
+    task = task.resolve({name: s[train_mask] for name, s in scores.items()}, combined[train_mask].astype(np.float32))
+    levels = {name: a.levels(scores[name]) for name, a in task.attributes.items()}
 
     layout = data.get("layout", "sentence")
     if layout not in ("sentence", "document", "packed"):
@@ -209,6 +210,7 @@ def build(data: DictConfig, task_cfg: DictConfig, tagging: bool, filter_threshol
     meta = {
         "key_config": key_cfg, "stats": stats, "control_tokens": control_tokens,
         "thresholds": {name: a.thresholds for name, a in task.attributes.items()},
+        "threshold": task.threshold,
         "filter_threshold": resolved_filter,
         "layout": layout,
         # How often each combination of the tagged attributes' levels occurs in training: evaluation draws the
@@ -222,7 +224,6 @@ def build(data: DictConfig, task_cfg: DictConfig, tagging: bool, filter_threshol
         train.save(tmp, "train")
         val.save(tmp, "val")
         val_untagged.save(tmp, "val_untagged")
-        np.save(tmp / "train_sentence_misalignment.npy", combined[train_mask].astype(np.float32))
         with open(tmp / "val_sentences.jsonl", "w") as f:
             for i in np.flatnonzero(~train_mask):
                 f.write(json.dumps({"text": sentences[i], **{n: int(levels[n][i]) for n in levels}}) + "\n")
