@@ -23,7 +23,10 @@ log = logging.getLogger(__name__)
 
 def warmup_then_decay(optimizer, total_steps: int, warmup_steps: int = 100, decay: str = "cosine",
                       min_ratio: float = 0.0):
-    """Linear warmup, then cosine or linear decay to min_ratio x lr (the studies' schedules), per step."""
+    """Linear warmup, then cosine or linear decay to min_ratio x lr (the studies' schedules), per step.
+
+    Not transformers' `get_scheduler`: its warmup starts at lr 0 (step / warmup, here (step + 1) / warmup) and its
+    linear decay has no floor, so every run's learning rates, and numbers, would change."""
     if decay not in ("cosine", "linear", "constant"):
         raise ValueError(f"scheduler decay must be cosine, linear or constant, got {decay!r}")
     warmup_steps = min(warmup_steps, max(total_steps // 10, 1))  # a tiny run must still leave warmup
