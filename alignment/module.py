@@ -1,12 +1,13 @@
 """The LightningModule: batches in, objective, metrics out.
 
-It owns the causal LM, the objective (alignment.objectives) and, for AWR/RWR, a value head on the
-LM's last hidden state. Training logs the objective's parts under `train/`; validation logs plain
+It builds the causal LM for the datamodule's tokenizer (`configure_model`) and owns the objective
+(alignment.objectives). Training logs the objective's parts under `train/`; validation logs plain
 LM loss on the tagged validation text (`val/loss`) and on the same text untagged
 (`val/loss_untagged`: capability, comparable across objectives).
 """
 from __future__ import annotations
 
+import logging
 import math
 from typing import Callable
 
@@ -14,12 +15,18 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 
-from alignment.objectives import Objective, ValueHead
+from alignment.model import count_parameters
+from alignment.objectives import IGNORE_INDEX, Objective
+
+log = logging.getLogger(__name__)
 
 
 def warmup_then_decay(optimizer, total_steps: int, warmup_steps: int = 100, decay: str = "cosine",
                       min_ratio: float = 0.0):
-    """Linear warmup, then cosine or linear decay to min_ratio x lr (the studies' schedules), per step."""
+    """Linear warmup, then cosine or linear decay to min_ratio x lr (the studies' schedules), per step.
+
+    Not transformers' `get_scheduler`: its warmup starts at lr 0 (step / warmup, here (step + 1) / warmup) and its
+    linear decay has no floor, so every run's learning rates, and numbers, would change."""
     if decay not in ("cosine", "linear", "constant"):
         raise ValueError(f"scheduler decay must be cosine, linear or constant, got {decay!r}")
     warmup_steps = min(warmup_steps, max(total_steps // 10, 1))  # a tiny run must still leave warmup
@@ -36,23 +43,31 @@ def warmup_then_decay(optimizer, total_steps: int, warmup_steps: int = 100, deca
 
 
 class AlignmentModule(pl.LightningModule):
-    def __init__(self, model: torch.nn.Module, objective: Objective, optimizer: Callable,
-                 scheduler: Callable | None = None):
+    """model: builds the LM for a tokenizer and its control tokens (alignment.model.build_for_tokenizer)."""
+
+    def __init__(self, model: Callable, objective: Objective, optimizer: Callable, scheduler: Callable | None = None):
         super().__init__()
-        self.model, self.objective = model, objective
+        self.model_factory, self.objective = model, objective
+        self.model: torch.nn.Module | None = None
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
-        self.value_head = (ValueHead(model.config.hidden_size, detach=objective.detach_value_head)
-                           if objective.needs_value_head else None)
         self.register_buffer("tokens_seen", torch.zeros((), dtype=torch.long), persistent=True)
+
+    def configure_model(self):
+        if self.model is not None:  # Lightning calls this on every fit/validate
+            return
+        datamodule = self.trainer.datamodule
+        self.model = self.model_factory(datamodule.tokenizer, datamodule.task.control_tokens)
+        self.objective.configure(self.model.config.hidden_size, datamodule.task)
+        log.info("Model: %.2fM parameters", count_parameters(self.model) / 1e6)
 
     def forward(self, batch):
         return self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                          output_hidden_states=self.value_head is not None)
+                          output_hidden_states=self.objective.uses_hidden_states)
 
     def training_step(self, batch, batch_idx):
         out = self(batch)
-        values = self.value_head(out.hidden_states[-1]) if self.value_head is not None else None
-        loss, metrics = self.objective(out.logits.float(), batch["labels"], batch["scores"], values)
+        hidden = out.hidden_states[-1] if out.hidden_states is not None else None
+        loss, metrics = self.objective(out.logits.float(), batch["labels"], batch["scores"], hidden)
         # Tokens seen by all processes together (a sum: the ranks' batches differ in length), the x axis
         # of study A's alignment curves.
         self.tokens_seen += int(self.trainer.strategy.reduce(batch["attention_mask"].sum(), reduce_op="sum"))
@@ -64,7 +79,7 @@ class AlignmentModule(pl.LightningModule):
     def validation_step(self, batch, batch_idx, dataloader_idx: int = 0):
         logits = self(batch).logits.float()
         loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)), batch["labels"][:, 1:].reshape(-1),
-                               ignore_index=-100)
+                               ignore_index=IGNORE_INDEX)
         # One loader means the validation text has no control tokens: its loss is also the untagged loss.
         single = len(self.trainer.num_val_batches) == 1
         names = (["val/loss", "val/loss_untagged"] if single

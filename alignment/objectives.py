@@ -45,32 +45,35 @@ def _detached(metrics: dict) -> dict:
 class Objective(nn.Module):
     """A training objective. The LightningModule calls every subclass the same way:
 
-    forward(logits, labels, scores, values=None) -> (loss, metrics)
+    configure(hidden_size, task) once the LM is built: the objective takes what it needs from the LM's size and
+      the resolved task (alignment.task.Task), e.g. its own value head or the task's threshold.
+    forward(logits, labels, scores, hidden=None) -> (loss, metrics)
       logits: (B, T, V) float, the LM's output for input_ids (B, T).
       labels: (B, T) long, input_ids with -100 at positions to ignore (padding). The shift happens here:
               logits[:, :-1] predict labels[:, 1:].
       scores: (B, T) float in [0, 1], the misalignment score of the sentence each token belongs to (1 = worst);
               the score of the token being predicted is scores[:, 1:].
-      values: (B, T) float in (-1, 0) from a ValueHead, or None; values[:, :-1] is V_t for predicting token t+1.
+      hidden: (B, T, H), the LM's last hidden state, passed when `uses_hidden_states` is True.
       loss: scalar tensor, a mean over non-ignored predicted tokens.
       metrics: dict of detached scalar tensors, the loss and its parts, names without a prefix (the caller adds
                "train/"): "loss", "lm_loss" (plain mean cross-entropy, comparable across objectives), and per
                objective "likelihood", "unlikelihood", "misaligned_share", "weighted_loss", "value_loss",
                "weight_mean", "weight_max".
-
-    needs_value_head: the caller builds a ValueHead on the LM's last hidden state and passes `values` when True.
     """
 
-    needs_value_head: bool = False
+    uses_hidden_states: bool = False
 
-    def forward(self, logits, labels, scores, values=None):
+    def configure(self, hidden_size: int, task) -> None:
+        """Nothing to take by default."""
+
+    def forward(self, logits, labels, scores, hidden=None):
         raise NotImplementedError
 
 
 class MLE(Objective):
     """Maximum likelihood: mean cross-entropy. Also the objective of filtering and conditional training."""
 
-    def forward(self, logits, labels, scores=None, values=None):
+    def forward(self, logits, labels, scores=None, hidden=None):
         ce, _, _ = _predicted_tokens(logits, labels)
         loss = _mean(ce)
         return loss, _detached({"loss": loss, "lm_loss": loss})
@@ -83,16 +86,28 @@ class Unlikelihood(Objective):
     The comparison is always a hard `<=`: threshold = 0 means only tokens scoring exactly 0 count as aligned. (The
     public code reads threshold 0 as "no threshold" and switches to a soft a_t = 1 - s_t; the paper has no such case.)
     1 - p is clamped at `eps` because the unlikelihood term goes to infinity as p -> 1.
+    threshold: None takes the task's (`task.threshold`, resolved on the training corpus by the build).
     """
 
-    def __init__(self, threshold: float, alpha: float = 1.0, eps: float = 1e-5):
+    def __init__(self, threshold: float | None = None, alpha: float = 1.0, eps: float = 1e-5):
         super().__init__()
-        _require(0.0 <= threshold <= 1.0, "threshold", threshold, "in [0, 1] (scores are in [0, 1])")
         _require(0.0 <= alpha <= 1.0, "alpha", alpha, "in [0, 1] (the weight of the unlikelihood term)")
         _require(0.0 < eps < 1.0, "eps", eps, "in (0, 1) (the floor of 1 - p inside the log)")
-        self.threshold, self.alpha, self.eps = threshold, alpha, eps
+        self.alpha, self.eps = alpha, eps
+        self.threshold = None
+        if threshold is not None:
+            self._set_threshold(threshold)
 
-    def forward(self, logits, labels, scores, values=None):
+    def _set_threshold(self, threshold: float) -> None:
+        _require(0.0 <= threshold <= 1.0, "threshold", threshold, "in [0, 1] (scores are in [0, 1])")
+        self.threshold = float(threshold)
+
+    def configure(self, hidden_size: int, task) -> None:
+        if self.threshold is None:
+            _require(task.threshold is not None, "task.threshold", None, "set for unlikelihood")
+            self._set_threshold(task.threshold)
+
+    def forward(self, logits, labels, scores, hidden=None):
         ce, token_scores, _ = _predicted_tokens(logits, labels, scores)
         aligned = (token_scores <= self.threshold).float()
         probability = torch.exp(-ce)
@@ -110,10 +125,11 @@ class AWR(Objective):
     (stop-gradient), so the weights w_t = min(exp(A_t / beta), max_weight) only rescale each token's cross-entropy:
     the LM is pushed towards tokens that did better than expected. The cap keeps one lucky token from dominating.
     L = alpha * mean(w_t * CE_t) + (1 - alpha) * mean((V_t - r_t)^2).
-    detach_value_head: whether the ValueHead the caller builds cuts the value loss off the LM (see ValueHead).
+    V_t comes from the objective's own ValueHead on the LM's last hidden state, built by `configure`;
+    detach_value_head: whether it cuts the value loss off the LM (see ValueHead).
     """
 
-    needs_value_head = True
+    uses_hidden_states = True
 
     def __init__(self, alpha: float = 0.5, beta: float = 10.0, max_weight: float = 1000.0,
                  detach_value_head: bool = True):
@@ -123,10 +139,18 @@ class AWR(Objective):
         _require(max_weight > 0, "max_weight", max_weight, "> 0 (the cap on the token weights)")
         self.alpha, self.beta, self.max_weight = alpha, beta, max_weight
         self.detach_value_head = bool(detach_value_head)
+        self.value_head: ValueHead | None = None
 
-    def forward(self, logits, labels, scores, values=None):
-        if values is None:
-            raise ValueError(f"{type(self).__name__} needs `values` from a ValueHead (needs_value_head is True)")
+    def configure(self, hidden_size: int, task) -> None:
+        self.value_head = ValueHead(hidden_size, detach=self.detach_value_head)
+
+    def forward(self, logits, labels, scores, hidden=None):
+        if self.value_head is None or hidden is None:
+            raise ValueError(f"{type(self).__name__} needs configure() (its value head) and the LM's hidden states")
+        return self.loss(logits, labels, scores, self.value_head(hidden))
+
+    def loss(self, logits, labels, scores, values):
+        """The loss given the values V_t, (B, T) in (-1, 0); values[:, :-1] is V_t for predicting token t+1."""
         ce, token_scores, token_values = _predicted_tokens(logits, labels, scores, values)
         reward = -token_scores
         advantage = reward - token_values.detach()  # the weights must not push gradient into the value head

@@ -9,7 +9,7 @@ either way, so untagged baselines are judged on the same scale.
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any, Mapping
 
 import numpy as np
@@ -65,11 +65,6 @@ class Attribute:
         if len(numbers) == len(self.thresholds) and any(a >= b for a, b in zip(numbers, numbers[1:])):
             raise ValueError(f"attribute '{self.name}': thresholds must be strictly ascending, got {numbers}")
 
-    def resolve(self, scores: np.ndarray) -> None:
-        """Turn quantile thresholds into numbers on this corpus's scores."""
-        self.thresholds = [resolve_threshold(t, scores) for t in self.thresholds]
-        self._check_order()
-
     @property
     def level_names(self) -> list[str]:
         """Metric-safe names of the levels: `<|nontoxic|>` -> `nontoxic` (MLflow keys allow no `<|>`)."""
@@ -92,10 +87,11 @@ class Task:
     placement: str = "sentence"
     untagged_fraction: float = 0.01
     combine: str = "max"
-    threshold: Any = None
+    threshold: Any = None  # on the combined misalignment (unlikelihood); a number or {quantile: q} until resolved
     eval_unit: str = "sentence"  # what evaluation scores: generated sentences, or whole samples (code)
     # Training units per combination of the tagged attributes' levels, {(level, ...): count}; set from the build.
     level_counts: dict | None = None
+    config: dict | None = field(default=None, repr=False, compare=False)  # what it was built from: the cache key
 
     def __post_init__(self):
         unknown = [a for a in self.tagged if a not in self.attributes]
@@ -123,18 +119,25 @@ class Task:
                    untagged_fraction=float(cfg.untagged_fraction), combine=cfg.combine,
                    eval_unit=cfg.get("eval_unit", "sentence"),
                    threshold=OmegaConf.to_container(cfg.threshold) if isinstance(cfg.threshold, DictConfig)
-                   else cfg.threshold)
+                   else cfg.threshold, config=OmegaConf.to_container(cfg, resolve=True))
+
+    def resolve(self, scores: Mapping[str, np.ndarray], combined: np.ndarray) -> "Task":
+        """This task with its quantile thresholds turned into numbers: each attribute's on its `scores`, the
+        task's own `threshold` on `combined` (the training sentences' combined misalignment)."""
+        attributes = {name: replace(a, thresholds=[resolve_threshold(t, scores[name]) for t in a.thresholds])
+                      for name, a in self.attributes.items()}
+        threshold = None if self.threshold is None else resolve_threshold(self.threshold, combined)
+        return replace(self, attributes=attributes, threshold=threshold)
 
     def as_trained(self, meta: dict, tagging: bool) -> "Task":
-        """This task as a build trained it (`meta`: the build's dataset.json): its quantile thresholds resolved to
-        numbers, the training mix of tagged levels, and no tagged attribute unless the objective tagged."""
-        for name, thresholds in meta["thresholds"].items():
-            self.attributes[name].thresholds = thresholds
-        if not tagging:
-            self.tagged = []
-        self.level_counts = {tuple(int(level) for level in key.split("-")): count
-                             for key, count in meta.get("level_counts", {}).items()}
-        return self
+        """This task as a build trained it (`meta`: the build's dataset.json): the thresholds it resolved, the
+        training mix of tagged levels, and no tagged attribute unless the objective tagged. (`.get`: run folders
+        saved before the build wrote `threshold` still evaluate.)"""
+        attributes = {name: replace(a, thresholds=meta["thresholds"][name]) for name, a in self.attributes.items()}
+        return replace(self, attributes=attributes, threshold=meta.get("threshold"),
+                       tagged=self.tagged if tagging else [],
+                       level_counts={tuple(int(level) for level in key.split("-")): count
+                                     for key, count in meta.get("level_counts", {}).items()})
 
     @property
     def aligned_levels(self) -> dict[str, int]:

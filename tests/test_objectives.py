@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from alignment.objectives import AWR, MLE, RWR, Objective, Unlikelihood, ValueHead
+from alignment.task import Task
 
 LN3 = math.log(3.0)
 
@@ -80,7 +81,7 @@ def test_awr_by_hand():
     logits, labels = two_token_example()  # CE = (ln 4/3, ln 2)
     scores = torch.tensor([[0.9, 0.0, 0.5]])  # rewards of the predicted tokens: (0, -0.5)
     values = torch.tensor([[-0.5, -0.2, -0.9]])  # V for them: (-0.5, -0.2), advantages (0.5, -0.3)
-    loss, metrics = AWR(alpha=0.5, beta=1.0)(logits, labels, scores, values)
+    loss, metrics = AWR(alpha=0.5, beta=1.0).loss(logits, labels, scores, values)
     weights = (math.exp(0.5), math.exp(-0.3))
     weighted = (weights[0] * math.log(4 / 3) + weights[1] * math.log(2)) / 2
     value_loss = (0.5**2 + 0.3**2) / 2
@@ -96,7 +97,7 @@ def test_awr_with_equal_rewards_and_fixed_value_is_scaled_mle(alpha, beta):
     torch.manual_seed(0)
     logits, labels = torch.randn(2, 6, 5), torch.randint(0, 5, (2, 6))
     scores, values = torch.full((2, 6), 0.3), torch.full((2, 6), -0.5)  # r - V = 0.2 everywhere
-    loss, _ = AWR(alpha=alpha, beta=beta)(logits, labels, scores, values)
+    loss, _ = AWR(alpha=alpha, beta=beta).loss(logits, labels, scores, values)
     mle = MLE()(logits, labels, scores)[0].item()
     assert loss.item() == pytest.approx(alpha * math.exp(0.2 / beta) * mle + (1 - alpha) * 0.2**2)
 
@@ -104,7 +105,7 @@ def test_awr_with_equal_rewards_and_fixed_value_is_scaled_mle(alpha, beta):
 def test_awr_max_weight_caps_the_weights():
     logits, labels = two_token_example()
     scores, values = torch.zeros(1, 3), torch.full((1, 3), -0.5)  # advantage 0.5, exp(0.5 / 0.01) = e^50
-    loss, metrics = AWR(alpha=1.0, beta=0.01, max_weight=2.0)(logits, labels, scores, values)
+    loss, metrics = AWR(alpha=1.0, beta=0.01, max_weight=2.0).loss(logits, labels, scores, values)
     assert metrics["weight_max"].item() == metrics["weight_mean"].item() == 2.0
     assert loss.item() == pytest.approx(2.0 * (math.log(4 / 3) + math.log(2)) / 2)
 
@@ -113,17 +114,21 @@ def test_rwr_is_awr_with_alpha_one_and_no_value_gradient():
     torch.manual_seed(0)
     logits, labels, scores = torch.randn(2, 6, 5), torch.randint(0, 5, (2, 6)), torch.rand(2, 6)
     values = torch.full((2, 6), -0.5, requires_grad=True)
-    loss, metrics = RWR(beta=2.0)(logits, labels, scores, values)
-    assert loss.item() == pytest.approx(AWR(alpha=1.0, beta=2.0)(logits, labels, scores, values)[0].item())
+    loss, metrics = RWR(beta=2.0).loss(logits, labels, scores, values)
+    assert loss.item() == pytest.approx(AWR(alpha=1.0, beta=2.0).loss(logits, labels, scores, values)[0].item())
     assert metrics["value_loss"].item() > 0  # reported, but not part of the loss
     loss.backward()
     assert values.grad is None or not values.grad.any()
 
 
-def test_awr_requires_values():
+def test_awr_requires_its_value_head_and_the_hidden_states():
     logits, labels = two_token_example()
-    with pytest.raises(ValueError, match="needs `values`"):
-        AWR()(logits, labels, torch.zeros(1, 3))
+    with pytest.raises(ValueError, match="needs configure"):
+        AWR()(logits, labels, torch.zeros(1, 3), torch.zeros(1, 3, 4))
+    awr = AWR()
+    awr.configure(hidden_size=4, task=None)
+    with pytest.raises(ValueError, match="hidden states"):
+        awr(logits, labels, torch.zeros(1, 3))
 
 
 def test_value_head_starts_at_minus_one_half_and_stays_in_range():
@@ -138,10 +143,9 @@ def test_value_head_starts_at_minus_one_half_and_stays_in_range():
 # --- a tiny real GPT-2 plus value head ------------------------------------------------------------------------------
 
 
-def tiny_lm(detach: bool = True):
+def tiny_lm():
     torch.manual_seed(0)
-    config = GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=16, n_positions=8)
-    return GPT2LMHeadModel(config), ValueHead(config.n_embd, detach=detach)
+    return GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=16, n_positions=8))
 
 
 def tiny_batch():
@@ -153,11 +157,16 @@ def tiny_batch():
     return input_ids, labels, scores
 
 
-def compute_loss(objective: Objective, model, value_head):
+def configured(objective: Objective, model) -> Objective:
+    objective.configure(model.config.hidden_size, Task("t", {}, [], threshold=0.5))
+    return objective
+
+
+def compute_loss(objective: Objective, model):
     input_ids, labels, scores = tiny_batch()
-    output = model(input_ids, output_hidden_states=True)
-    values = value_head(output.hidden_states[-1]) if objective.needs_value_head else None
-    return objective(output.logits, labels, scores, values)[0]
+    output = model(input_ids, output_hidden_states=objective.uses_hidden_states)
+    hidden = output.hidden_states[-1] if output.hidden_states is not None else None
+    return objective(output.logits, labels, scores, hidden)[0]
 
 
 def has_gradient(parameters) -> bool:
@@ -166,10 +175,12 @@ def has_gradient(parameters) -> bool:
 
 @pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0])
 def test_awr_gradient_reaches_value_head_only_through_value_loss(alpha):
-    model, value_head = tiny_lm()
+    model = tiny_lm()
+    objective = configured(AWR(alpha=alpha, beta=1.0), model)
+    value_head = objective.value_head
     with torch.no_grad():  # a zero head has zero d V / d hidden, which would hide a missing detach
         value_head.linear.weight.normal_()
-    compute_loss(AWR(alpha=alpha, beta=1.0), model, value_head).backward()
+    compute_loss(objective, model).backward()
     assert has_gradient(value_head.parameters()) == (alpha < 1)  # alpha = 1: no value loss, weights are detached
     assert has_gradient(model.parameters()) == (alpha > 0)  # alpha = 0: only the value loss, hidden is detached
 
@@ -178,10 +189,12 @@ def test_awr_gradient_reaches_value_head_only_through_value_loss(alpha):
 def test_undetached_value_head_lets_the_value_loss_train_the_lm(alpha):
     """Study A's setting: with alpha = 0 the LM's only gradient is the value loss's, so it is nonzero iff the hidden
     state is not detached; with alpha = 1 (RWR) the value loss has weight 0 and the head gets no gradient."""
-    model, value_head = tiny_lm(detach=False)
+    model = tiny_lm()
+    objective = configured(AWR(alpha=alpha, beta=1.0, detach_value_head=False), model)
+    value_head = objective.value_head
     with torch.no_grad():
         value_head.linear.weight.normal_()
-    compute_loss(AWR(alpha=alpha, beta=1.0, detach_value_head=False), model, value_head).backward()
+    compute_loss(objective, model).backward()
     assert has_gradient(model.parameters())
     assert has_gradient(value_head.parameters()) == (alpha < 1)
     assert has_gradient(model.transformer.h.parameters())  # the trunk, not only the output embedding
@@ -189,7 +202,7 @@ def test_undetached_value_head_lets_the_value_loss_train_the_lm(alpha):
 
 OBJECTIVES = {
     "mle": MLE,
-    "unlikelihood": lambda: Unlikelihood(threshold=0.5),
+    "unlikelihood": Unlikelihood,  # the task's threshold, 0.5
     "awr": lambda: AWR(alpha=0.5, beta=1.0),
     "rwr": lambda: RWR(beta=1.0),
 }
@@ -197,22 +210,20 @@ OBJECTIVES = {
 
 @pytest.mark.parametrize("name", OBJECTIVES)
 def test_training_steps_move_every_trainable_parameter(name):
-    objective = OBJECTIVES[name]()
-    model, value_head = tiny_lm()
-    trainable = dict(model.named_parameters())
-    if objective.needs_value_head:
-        trainable |= {f"value_head.{n}": p for n, p in value_head.named_parameters()}
+    model = tiny_lm()
+    objective = configured(OBJECTIVES[name](), model)
+    trainable = dict(model.named_parameters()) | {f"objective.{n}": p for n, p in objective.named_parameters()}
     before = {n: p.detach().clone() for n, p in trainable.items()}
     optimizer = torch.optim.AdamW(trainable.values(), lr=1e-2)
     for _ in range(3):
         optimizer.zero_grad()
-        loss = compute_loss(objective, model, value_head)
+        loss = compute_loss(objective, model)
         assert torch.isfinite(loss)
         loss.backward()
         optimizer.step()
     unchanged = [n for n, p in trainable.items() if torch.equal(p, before[n])]
     # RWR's value head never trains (alpha = 1): everything else must move.
-    assert unchanged == (["value_head.linear.weight"] if name == "rwr" else [])
+    assert unchanged == (["objective.value_head.linear.weight"] if name == "rwr" else [])
 
 
 @pytest.mark.parametrize(
@@ -235,8 +246,12 @@ def test_invalid_hyperparameters_raise(build, message):
 
 
 @pytest.mark.parametrize("detach", [True, False])
-def test_the_module_builds_the_value_head_the_objective_asks_for(detach):
-    from alignment.module import AlignmentModule
+def test_awr_builds_the_value_head_it_asks_for(detach):
+    assert configured(AWR(detach_value_head=detach), tiny_lm()).value_head.detach is detach
 
-    module = AlignmentModule(tiny_lm()[0], AWR(detach_value_head=detach), optimizer=torch.optim.AdamW)
-    assert module.value_head.detach is detach
+
+def test_unlikelihood_takes_the_resolved_task_threshold_unless_given_its_own():
+    assert configured(Unlikelihood(), tiny_lm()).threshold == 0.5
+    assert configured(Unlikelihood(threshold=0.2), tiny_lm()).threshold == 0.2
+    with pytest.raises(ValueError, match="threshold must be in"):
+        Unlikelihood().configure(8, Task("t", {}, [], threshold=1.5))

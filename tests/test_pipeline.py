@@ -173,17 +173,19 @@ def test_every_objective_runs_with_a_study_a_task(tiny_config, objective):
 
 
 def test_quantile_threshold_reaches_the_objective(tiny_config):
-    from hydra.utils import instantiate
-
-    from alignment.train import build_objective
-
-    cfg = tiny_config("objective=unlikelihood", "task=toxicity", "task.threshold={quantile:0.5}")
+    """The task's {quantile: q} is resolved once, by the build, on the training sentences' combined misalignment
+    (float32, as the per-token scores are stored), and the objective takes the resolved task's number."""
+    cfg = tiny_config("objective=unlikelihood", "task=toxicity", "task.threshold={quantile:0.5}",
+                      "data.max_tokens=null")
     dm = instantiate(cfg.datamodule)
     dm.prepare_data()
-    objective = build_objective(cfg.objective.loss, dm)
-    import numpy as np
-    scores = np.load(dm.folder / "train_sentence_misalignment.npy")
-    assert objective.threshold == pytest.approx(float(np.quantile(scores, 0.5)))
+    assert dm.meta["stats"]["sentences_too_long"] == 0  # so every training sentence is one training example
+    train = Split.load(dm.folder, "train")
+    sentence_scores = train.scores[train.offsets[:-1]]  # each example's first token (EOS) carries its score
+    assert dm.task.threshold == pytest.approx(float(np.quantile(sentence_scores, 0.5)))
+    objective = instantiate(cfg.module.objective)
+    objective.configure(8, dm.task)
+    assert objective.threshold == dm.task.threshold
 
 
 @pytest.mark.parametrize("task,data", [("pep8", "data=python_code"), ("pii", "data=tweets")])
@@ -211,7 +213,7 @@ def test_the_shipped_trainer_defaults_run(runs_dir, tmp_path):
     cfg = compose_config(shipped + ["task=tox", "save_model=false", "eval.num_samples=2", "trainer.max_steps=8",
                                     "trainer.val_check_interval=4", "+callbacks.probe._target_=" + __name__
                                     + ".LogitsDtype"], tmp_path / "out")
-    assert list(cfg.callbacks) == ["checkpoint", "lr_monitor", "probe"]
+    assert list(cfg.callbacks) == ["alignment_curve", "checkpoint", "lr_monitor", "probe"]
     LogitsDtype.seen = set()
     run(cfg)
     assert LogitsDtype.seen == {{"bf16-mixed": torch.bfloat16, "32-true": torch.float32}[cfg.trainer.precision]}

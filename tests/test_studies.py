@@ -47,6 +47,9 @@ def test_study_a_per_objective_values(runs_dir, tmp_path, task, objective):
     assert effective_batch(cfg) == batch and cfg.data.block_size == 1024
     assert cfg.trainer.max_steps == steps and batch * 1024 * steps == pytest.approx(3.3e9, rel=0.001)
     assert cfg.module.scheduler.warmup_steps == round(steps / 100)  # 1% warmup
+    loss = dict(loss)
+    if "threshold" in loss:  # unlikelihood's threshold is the task's (filtering's too)
+        assert cfg.task.threshold == loss.pop("threshold")
     assert {k: cfg.objective.loss[k] for k in loss} == loss  # the literals of the study's configs
     built = instantiate(cfg.objective.loss)  # the values reach the objective itself
     assert type(built) is {"awr": AWR, "rwr": RWR, "unlikelihood": Unlikelihood}.get(objective, MLE)

@@ -29,8 +29,10 @@ def test_quantile_thresholds_resolve_on_the_corpus():
     with pytest.raises(ValueError, match="quantile"):
         resolve_threshold({"quantile": 1.5}, scores)
     a = Attribute("x", Vader(), [{"quantile": 0.5}], ["<|lo|>", "<|hi|>"], "<|lo|>")
-    a.resolve(scores)
-    assert a.thresholds == [50.0]
+    task = Task("t", {"x": a}, ["x"], threshold={"quantile": 0.1})
+    resolved = task.resolve({"x": scores}, combined=scores / 100)
+    assert (resolved.attributes["x"].thresholds, resolved.threshold) == ([50.0], pytest.approx(0.1))
+    assert (a.thresholds, task.threshold) == ([{"quantile": 0.5}], {"quantile": 0.1})  # the configured task is kept
 
 
 @pytest.mark.parametrize("kwargs,message", [

@@ -3,6 +3,7 @@ serves padded batches of `input_ids`, `attention_mask`, `labels` and per-token `
 from __future__ import annotations
 
 import json
+import logging
 from functools import partial
 from pathlib import Path
 
@@ -15,7 +16,10 @@ from torch.utils.data.distributed import DistributedSampler
 from transformers import AutoTokenizer
 
 from alignment.data.build import Split, build
-from alignment.task import resolve_threshold
+from alignment.objectives import IGNORE_INDEX
+from alignment.task import Task
+
+log = logging.getLogger(__name__)
 
 
 class SequenceDataset(Dataset):
@@ -90,7 +94,7 @@ class LengthGroupedSampler(DistributedSampler):
 
 def collate(batch, pad_id: int, unlearned_ids: tuple[int, ...] = ()) -> dict[str, torch.Tensor]:
     """Right-pad to the longest example; padded positions, and tokens in `unlearned_ids` (control tokens when
-    they are inputs only), get label -100 (ignored by the loss)."""
+    they are inputs only), get label IGNORE_INDEX (-100: ignored by the loss)."""
     length = max(len(t) for t, _ in batch)
     input_ids = torch.full((len(batch), length), pad_id, dtype=torch.long)
     scores = torch.zeros((len(batch), length), dtype=torch.float32)
@@ -99,9 +103,9 @@ def collate(batch, pad_id: int, unlearned_ids: tuple[int, ...] = ()) -> dict[str
         input_ids[row, : len(t)] = torch.from_numpy(t.astype(np.int64))
         scores[row, : len(s)] = torch.from_numpy(s)
         attention_mask[row, : len(t)] = 1
-    labels = input_ids.masked_fill(attention_mask == 0, -100)
+    labels = input_ids.masked_fill(attention_mask == 0, IGNORE_INDEX)
     if unlearned_ids:
-        labels = labels.masked_fill(torch.isin(input_ids, torch.tensor(unlearned_ids)), -100)
+        labels = labels.masked_fill(torch.isin(input_ids, torch.tensor(unlearned_ids)), IGNORE_INDEX)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "scores": scores}
 
 
@@ -117,11 +121,29 @@ class AlignmentDataModule(pl.LightningDataModule):
         self.num_workers, self.progress = num_workers, progress
         self.folder: Path | None = None
         self._tokenizer = None
+        self._configured_task: Task | None = None  # its scorers, instantiated once
+        self._task: Task | None = None
 
     def prepare_data(self):
         """Build the dataset (a cache hit after the first time)."""
-        self.folder = build(self.data_cfg, self.task_cfg, self.tagging, self.filter_threshold, self.tokenizer_cfg,
-                            self.cache_dir, progress=self.progress)
+        self.folder = build(self.data_cfg, self.configured_task, self.tagging, self.filter_threshold,
+                            self.tokenizer_cfg, self.cache_dir, progress=self.progress)
+        log.info("Data: %s", {k: self.meta["stats"][k] for k in ("train_examples", "train_tokens", "val_examples")})
+
+    @property
+    def configured_task(self) -> Task:
+        """The task as configured: quantile thresholds not yet resolved."""
+        if self._configured_task is None:
+            self._configured_task = Task.from_config(self.task_cfg)
+        return self._configured_task
+
+    @property
+    def task(self) -> Task:
+        """The task as this dataset trains it (thresholds resolved by the build): what the objective, the
+        evaluation and the model card read."""
+        if self._task is None:
+            self._task = self.configured_task.as_trained(self.meta, self.tagging)
+        return self._task
 
     def setup(self, stage: str | None = None):
         if self.folder is None:
@@ -146,10 +168,6 @@ class AlignmentDataModule(pl.LightningDataModule):
         if self.folder is None:
             self.prepare_data()
         return json.loads((self.folder / "meta.json").read_text())
-
-    def resolve_threshold(self, spec) -> float:
-        """A threshold for the objectives, in combined-misalignment units (quantiles over training sentences)."""
-        return resolve_threshold(spec, np.load(self.folder / "train_sentence_misalignment.npy"))
 
     def val_sentences(self) -> list[dict]:
         """Held-out sentences with their levels, used as prompts by the prompted evaluation."""

@@ -9,32 +9,39 @@ import pytorch_lightning as pl
 from omegaconf import DictConfig, open_dict
 
 from alignment.evaluation.evaluator import evaluate
-from alignment.task import Task
+from alignment.timing import PhaseTimes
 
 
 class AlignmentCurve(pl.Callback):
-    def __init__(self, task: Task, tokenizer, eval_cfg: DictConfig, val_sentences: list[dict],
-                 every_n_steps: int, num_samples: int, phases=None):
-        if every_n_steps <= 0 or num_samples <= 0:
-            raise ValueError("eval.curve.every_n_steps and eval.curve.num_samples must be positive")
-        self.task, self.tokenizer, self.val_sentences = task, tokenizer, val_sentences
+    """A cheap copy of the final evaluation (`eval`): `num_samples` per combination, no guidance sweep, no KL.
+    every_n_steps = 0 turns it off. The task, tokenizer and prompts come from the trainer's datamodule."""
+
+    def __init__(self, eval_cfg: DictConfig, every_n_steps: int, num_samples: int, combinations="all"):
+        if every_n_steps < 0 or num_samples <= 0:
+            raise ValueError("eval.curve.every_n_steps must be >= 0 and eval.curve.num_samples positive")
         self.every_n_steps = every_n_steps
-        # A cheap copy of the final evaluation: fewer samples, no guidance sweep.
         self.cfg = copy.deepcopy(eval_cfg)
         with open_dict(self.cfg):
             self.cfg.num_samples = num_samples
             self.cfg.guidance_scales = [1.0]
-            self.cfg.combinations = eval_cfg.curve.get("combinations", "all")
+            self.cfg.combinations = combinations
             self.cfg.reference = None  # the KL from a reference model is for the final evaluation only
         self.last_step = -1
-        self.phases = phases  # an alignment.timing.PhaseTimes that books the curve's time apart from training
+        self.phases = None  # the run's alignment.timing.PhaseTimes, if any: books the curve's time apart from training
+
+    def setup(self, trainer, pl_module, stage):
+        datamodule = trainer.datamodule
+        self.task, self.tokenizer = datamodule.task, datamodule.tokenizer
+        self.val_sentences = datamodule.val_sentences() if self.every_n_steps else []
+        self.phases = next((c for c in trainer.callbacks if isinstance(c, PhaseTimes)), None)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if trainer.global_step % self.every_n_steps == 0 and trainer.global_step != self.last_step:
+        if self.every_n_steps and trainer.global_step % self.every_n_steps == 0 \
+                and trainer.global_step != self.last_step:
             self._evaluate(trainer, pl_module)
 
     def on_train_end(self, trainer, pl_module):
-        if trainer.global_step != self.last_step:
+        if self.every_n_steps and trainer.global_step != self.last_step:
             self._evaluate(trainer, pl_module)
 
     def _evaluate(self, trainer, pl_module):
