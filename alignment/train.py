@@ -21,6 +21,7 @@ from alignment.evaluation.evaluator import describe_effects, evaluate, format_ta
 from alignment.model import build_model, count_parameters, resize_with_mean_init, save_model, set_generation_defaults
 from alignment.model_card import model_card
 from alignment.task import Task
+from alignment.validation import validate
 
 log = logging.getLogger(__name__)
 TABLE_TITLE = ("Misaligned % of generated sentences (level contradicts the conditioning; a free attribute is judged "
@@ -39,6 +40,7 @@ def build_objective(loss_cfg: DictConfig, datamodule):
 
 def run(cfg: DictConfig) -> dict[str, float]:
     """Run one experiment; return its final metrics (for sweepers)."""
+    validate(cfg)  # every option, before anything is built, cached or logged
     pl.seed_everything(cfg.seed, workers=True)
     output_dir = Path(HydraConfig.get().runtime.output_dir)
 
