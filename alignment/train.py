@@ -15,7 +15,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from alignment import tracking
+from alignment import lifecycle, resume, tracking
 from alignment.evaluation.callback import AlignmentCurve
 from alignment.evaluation.evaluator import describe_effects, evaluate, format_table
 from alignment.model import build_model, count_parameters, resize_with_mean_init, save_model, set_generation_defaults
@@ -46,6 +46,9 @@ def run(cfg: DictConfig) -> dict[str, float]:
 
     datamodule = instantiate(cfg.datamodule)
     datamodule.prepare_data()
+    # Building the data draws random numbers, reading it from the cache does not: seeded again, the model's
+    # initial weights do not depend on whether the dataset was cached (a resumed run's is).
+    pl.seed_everything(cfg.seed, workers=True)
     tokenizer, meta = datamodule.tokenizer, datamodule.meta
     model = build_model(vocab_size=len(tokenizer), arch=OmegaConf.to_container(cfg.model.arch, resolve=True)
                         if cfg.model.arch is not None else None, pretrained=cfg.model.pretrained,
@@ -56,33 +59,32 @@ def run(cfg: DictConfig) -> dict[str, float]:
     module = instantiate(cfg.module, model=model, objective=objective)
     task = Task.from_config(cfg.task).as_trained(meta, cfg.objective.tagging)
 
-    logger = instantiate(cfg.logger, tags=tracking.run_tags(cfg))
-    callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None and "_target_" in c]
+    resumed = resume.locate(cfg.get("resume"), output_dir)
+    logger = instantiate(cfg.logger, **({"run_id": resumed.run_id} if resumed else {"tags": tracking.run_tags(cfg)}))
+    guard = lifecycle.Guard(output_dir)  # NaN/inf loss, SIGTERM, RNG states: always on, whatever cfg.callbacks says
+    callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None and "_target_" in c] + [guard]
     if cfg.evaluate and cfg.eval.curve.every_n_steps > 0:
         callbacks.append(AlignmentCurve(task, tokenizer, cfg.eval, datamodule.val_sentences(),
                                         cfg.eval.curve.every_n_steps, cfg.eval.curve.num_samples))
     trainer: pl.Trainer = instantiate(cfg.trainer, logger=logger, callbacks=callbacks)
-    if trainer.is_global_zero:
-        tracking.log_setup(logger, cfg, meta)
-        # The run folder is self-contained: `python -m alignment.evaluate run=<folder>` needs nothing else.
-        (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-        (output_dir / "dataset.json").write_text(json.dumps(meta, indent=2, default=str))
-        (output_dir / "mlflow_run_id").write_text(logger.run_id)
-        log.info("Model: %.2fM parameters; data: %s", count_parameters(model) / 1e6,
-                 {k: meta["stats"][k] for k in ("train_examples", "train_tokens", "val_examples")})
-    if cfg.train:
-        trainer.fit(module, datamodule=datamodule)
-    if not trainer.is_global_zero:
-        return {}  # other DDP ranks stop here; rank 0 saves and evaluates
-
-    results = _scalars(trainer)
-    try:
+    with lifecycle.run_status(logger, guard, active=trainer.is_global_zero):
+        if trainer.is_global_zero and resumed:
+            logger.skip_logged()
+            log.info("Resuming MLflow run %s in %s from %s", resumed.run_id, output_dir, resumed.checkpoint)
+        elif trainer.is_global_zero:
+            tracking.log_setup(logger, cfg, meta)
+            # The run folder is self-contained: `python -m alignment.evaluate run=<folder>` needs nothing else.
+            (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+            (output_dir / "dataset.json").write_text(json.dumps(meta, indent=2, default=str))
+            (output_dir / "mlflow_run_id").write_text(logger.run_id)
+            log.info("Model: %.2fM parameters; data: %s", count_parameters(model) / 1e6,
+                     {k: meta["stats"][k] for k in ("train_examples", "train_tokens", "val_examples")})
+        if cfg.train:
+            trainer.fit(module, datamodule=datamodule, ckpt_path=resumed.checkpoint if resumed else None)
+        if not trainer.is_global_zero:
+            return {}  # other DDP ranks stop here; rank 0 saves and evaluates
+        results = _scalars(trainer)
         results.update(save_and_evaluate(cfg, trainer, logger, model, tokenizer, task, datamodule, output_dir))
-    except BaseException:
-        # fit() already marked the MLflow run FINISHED; a run without its evaluation must not look complete.
-        logger.experiment.set_terminated(logger.run_id, "FAILED")
-        raise
-    logger.finalize("success")
     print(f"\nOutputs: {output_dir}\nMLflow run: {logger.run_id} in experiment '{cfg.logger.experiment_name}'\n"
           + tracking.ui_links(cfg.logger.tracking_uri, logger.experiment_id, logger.run_id))
     return results
