@@ -30,3 +30,14 @@ if not OmegaConf.has_resolver("slurm_tasks"):
     # A CPU trainer asks for no GPU (null: submitit then leaves --gpus-per-node out of the batch script).
     OmegaConf.register_new_resolver("slurm_gpus", lambda accelerator, devices:
                                     None if accelerator == "cpu" else _slurm_tasks(devices))
+
+
+def _resume_dir(resume, tracking_uri, default):
+    from alignment.resume import resume_dir  # imports torch: only when a config is resolved
+
+    return resume_dir(resume, tracking_uri, default)
+
+
+if not OmegaConf.has_resolver("resume_dir"):
+    # conf/hydra/default.yaml: `resume=<run folder | run id>` runs in that run's folder.
+    OmegaConf.register_new_resolver("resume_dir", _resume_dir)

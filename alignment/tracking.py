@@ -156,10 +156,11 @@ def artifact_location_for(tracking_uri: str, local_dir: str | None) -> str | Non
 
 
 def mlflow_logger(tracking_uri: str, artifact_location: str | None = None, **kwargs: Any):
-    """Lightning's MLFlowLogger (same arguments), with the artifact location left to the server if there is one."""
-    from pytorch_lightning.loggers import MLFlowLogger
+    """Lightning's MLFlowLogger (same arguments; alignment.lifecycle.RunLogger: the run's status is set once it all
+    ended), with the artifact location left to the server if there is one."""
+    from alignment.lifecycle import RunLogger
 
-    return MLFlowLogger(tracking_uri=tracking_uri,
+    return RunLogger(tracking_uri=tracking_uri,
                         artifact_location=artifact_location_for(tracking_uri, artifact_location),
                         **kwargs)
 

@@ -15,11 +15,12 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from alignment import tracking
+from alignment import lifecycle, resume, tracking
 from alignment.evaluation.evaluator import describe_effects, evaluate, format_table
 from alignment.model import count_parameters, save_model, set_generation_defaults
 from alignment.model_card import model_card
 from alignment.timing import PhaseTimes
+from alignment.validation import validate
 
 log = logging.getLogger(__name__)
 TABLE_TITLE = ("Misaligned % of generated sentences (level contradicts the conditioning; a free attribute is judged "
@@ -28,41 +29,45 @@ TABLE_TITLE = ("Misaligned % of generated sentences (level contradicts the condi
 
 def run(cfg: DictConfig) -> dict[str, float]:
     """Run one experiment; return its final metrics (for sweepers)."""
+    validate(cfg)  # every option, before anything is built, cached or logged
     pl.seed_everything(cfg.seed, workers=True)
     output_dir = Path(HydraConfig.get().runtime.output_dir)
     phases = PhaseTimes()  # the clock starts: time per phase in MLflow (time/...) and at the end of the run
 
     datamodule = instantiate(cfg.datamodule)
     datamodule.prepare_data()
+    # Building the data draws random numbers, reading it from the cache does not: seeded again, the model's
+    # initial weights do not depend on whether the dataset was cached (a resumed run's is).
+    pl.seed_everything(cfg.seed, workers=True)
     phases.lap("data")
     module = instantiate(cfg.module)  # builds its LM in configure_model, from the datamodule's tokenizer
-    logger = instantiate(cfg.logger, tags=tracking.run_tags(cfg))
-    callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None and "_target_" in c] + [phases]
-    trainer: pl.Trainer = instantiate(cfg.trainer, logger=logger, callbacks=callbacks)
-    if trainer.is_global_zero:
-        tracking.log_setup(logger, cfg, datamodule.meta)
-        # The run folder is self-contained: `python -m alignment.evaluate run=<folder>` needs nothing else.
-        (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-        (output_dir / "dataset.json").write_text(json.dumps(datamodule.meta, indent=2, default=str))
-        (output_dir / "mlflow_run_id").write_text(logger.run_id)
-    phases.lap("setup")
-    if cfg.train:
-        trainer.fit(module, datamodule=datamodule)
-    else:
-        trainer.validate(module, datamodule=datamodule)  # builds the model; its validation loss untrained
-    phases.lap("training")
-    if not trainer.is_global_zero:
-        return {}  # other DDP ranks stop here; rank 0 saves and evaluates
 
-    results = _scalars(trainer)
-    try:
+    resumed = resume.locate(cfg.get("resume"), output_dir)
+    logger = instantiate(cfg.logger, **({"run_id": resumed.run_id} if resumed else {"tags": tracking.run_tags(cfg)}))
+    guard = lifecycle.Guard(output_dir)  # NaN/inf loss, SIGTERM, RNG states: always on, whatever cfg.callbacks says
+    callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None and "_target_" in c]
+    trainer: pl.Trainer = instantiate(cfg.trainer, logger=logger, callbacks=callbacks + [guard, phases])
+    with lifecycle.run_status(logger, guard, active=trainer.is_global_zero):
+        if trainer.is_global_zero and resumed:
+            logger.skip_logged()
+            log.info("Resuming MLflow run %s in %s from %s", resumed.run_id, output_dir, resumed.checkpoint)
+        elif trainer.is_global_zero:
+            tracking.log_setup(logger, cfg, datamodule.meta)
+            # The run folder is self-contained: `python -m alignment.evaluate run=<folder>` needs nothing else.
+            (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+            (output_dir / "dataset.json").write_text(json.dumps(datamodule.meta, indent=2, default=str))
+            (output_dir / "mlflow_run_id").write_text(logger.run_id)
+        phases.lap("setup")
+        if cfg.train:
+            trainer.fit(module, datamodule=datamodule, ckpt_path=resumed.checkpoint if resumed else None)
+        else:
+            trainer.validate(module, datamodule=datamodule)  # builds the model; its validation loss untrained
+        phases.lap("training")
+        if not trainer.is_global_zero:
+            return {}  # other DDP ranks stop here; rank 0 saves and evaluates
+        results = _scalars(trainer)
         results.update(save_and_evaluate(cfg, trainer, logger, module.model, datamodule, output_dir, phases))
         tracking.log_summary(logger, phases.metrics())
-    except BaseException:
-        # fit() already marked the MLflow run FINISHED; a run without its evaluation must not look complete.
-        logger.experiment.set_terminated(logger.run_id, "FAILED")
-        raise
-    logger.finalize("success")
     print(f"\n{phases.summary()}")
     print(f"\nOutputs: {output_dir}\nMLflow run: {logger.run_id} in experiment '{cfg.logger.experiment_name}'\n"
           + tracking.ui_links(cfg.logger.tracking_uri, logger.experiment_id, logger.run_id))

@@ -54,13 +54,14 @@ def test_unknown_run_is_a_clear_error(runs_dir, tmp_path):
 
 
 def test_failed_evaluation_marks_the_run_failed_and_a_run_without_model_is_not_reevaluated(tiny_config, tmp_path):
-    # Training succeeds (fit marks the run FINISHED), then the evaluation fails on an unknown conditioning.
+    # Training succeeds (the run stays RUNNING), then the evaluation fails on an unknown conditioning.
     cfg = tiny_config("save_model=false", "eval.curve.every_n_steps=0", "eval.combinations=[positive]")
     with pytest.raises(ValueError, match="not conditionings of task 'toxsen'"):
         run(cfg)
     folder = tmp_path / "out"
     mlrun = mlflow.MlflowClient(cfg.logger.tracking_uri).get_run((folder / "mlflow_run_id").read_text().strip())
     assert mlrun.info.status == "FAILED" and "val/loss" in mlrun.data.metrics
+    assert mlrun.data.tags["failure"].startswith("ValueError: eval.combinations: ['positive'] are not conditionings")
     assert not any(key.startswith("eval/") for key in mlrun.data.metrics)
     # Its folder has the config and the dataset but no model: re-evaluating it says why it cannot.
     ecfg = compose_config([f"run={folder}", *SMALL_EVAL], tmp_path / "eval", config_name="evaluate")

@@ -207,6 +207,26 @@ def test_detoxify_without_its_files_says_which_files_and_options_it_needs(tiny_d
         no_config.score(["hello"])
 
 
+class _Payload:
+    """Unpickling this would run os.system: a checkpoint carrying it must be refused, not executed."""
+
+    def __reduce__(self):
+        import os
+
+        return os.system, ("touch pwned",)
+
+
+def test_detoxify_loads_checkpoints_without_running_their_code(tiny_detoxify, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    loaded = torch.load(tiny_detoxify.checkpoint, weights_only=True)  # the released layout: tensors + JSON config
+    torch.save({**loaded, "extra": _Payload()}, tmp_path / "toxic_evil.ckpt")
+    evil = Detoxify(checkpoint=tmp_path / "toxic_evil.ckpt",
+                    huggingface_config_path=tiny_detoxify.huggingface_config_path)
+    with pytest.raises(DetoxifyUnavailableError, match="Weights only load failed"):
+        evil.score(["hello"])
+    assert not (tmp_path / "pwned").exists()
+
+
 def test_detoxify_rejects_unknown_variants_and_labels(tiny_detoxify):
     with pytest.raises(ValueError, match="variant"):
         Detoxify(variant="orginal")

@@ -71,6 +71,7 @@ class LengthGroupedSampler(DistributedSampler):
                  num_replicas: int = 1, rank: int = 0):
         super().__init__(range(len(lengths)), num_replicas=num_replicas, rank=rank, shuffle=False, seed=seed)
         self.lengths, self.batch_size, self.window = lengths, batch_size, window
+        self.skip = 0  # batches of this epoch to leave out once: a run resumed mid-epoch trained them already
 
     def __len__(self):
         if self.num_replicas == 1:
@@ -89,6 +90,7 @@ class LengthGroupedSampler(DistributedSampler):
         if self.num_replicas > 1:
             full = [b for b in batches if len(b) == self.batch_size]
             batches = full[self.rank::self.num_replicas][: len(full) // self.num_replicas]
+        batches, self.skip = batches[self.skip:], 0
         return iter(np.concatenate(batches).tolist() if batches else [])
 
 

@@ -85,12 +85,14 @@ def _load_with_local_base_model(variant: str, checkpoint: str | None, huggingfac
                                 device: str) -> LoadedDetoxify:
     from detoxify.detoxify import get_model_and_tokenizer
 
-    # Same trust as detoxify gives these files: they are its own pickled training checkpoints.
+    # weights_only: no code runs while unpickling. Detoxify itself loads with weights_only=False, but its released
+    # checkpoints (its convert_weights.py) hold only {"state_dict": OrderedDict of tensors, "config": the JSON
+    # training config}, which the restricted unpickler reads.
     if checkpoint is None:
         loaded = torch.hub.load_state_dict_from_url(_checkpoint_url(variant), map_location=device,
-                                                    weights_only=False)
+                                                    weights_only=True)
     else:
-        loaded = torch.load(checkpoint, map_location=device, weights_only=False)
+        loaded = torch.load(checkpoint, map_location=device, weights_only=True)
     if not isinstance(loaded, dict) or "config" not in loaded or "state_dict" not in loaded:
         raise ValueError("a Detoxify checkpoint is a dict with 'config' and 'state_dict'")
     architecture = dict(loaded["config"]["arch"]["args"])

@@ -1,0 +1,141 @@
+"""How runs end and go on: FINISHED only at the very end, FAILED/KILLED with the reason, a NaN loss stopped at its
+step, SIGTERM saving a checkpoint, and a run killed with SIGKILL resumed into the same folder and MLflow run with
+the weights an uninterrupted run reaches."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from alignment import PROJECT_ROOT
+from alignment.lifecycle import NonFiniteLossError
+from alignment.resume import last_good_checkpoint
+from alignment.train import run
+from tests.conftest import TINY
+
+# Checkpoints after every step (Lightning's ModelCheckpoint as conf/callbacks/default.yaml sets it up).
+EVERY_STEP = ["callbacks=default", "callbacks.checkpoint.monitor=null", "+callbacks.checkpoint.every_n_train_steps=1",
+              "callbacks.checkpoint.save_top_k=-1", "~callbacks.lr_monitor"]
+
+
+def test_a_non_finite_loss_stops_the_run_at_its_step_and_keeps_the_good_checkpoints(tiny_config, tmp_path):
+    # lr 1e30 (warmup leaves step 0 at the full rate on a 6-step run): step 0 is finite and throws the weights to
+    # ~1e30, so the loss of step 1 is NaN; checkpoints were saved after step 1 only (global_step counts done steps).
+    cfg = tiny_config("module.optimizer.lr=1e30", *EVERY_STEP)
+    with pytest.raises(NonFiniteLossError, match=r"the training loss is nan at step 1 \(epoch 0\); training stopped "
+                                                 r"before this step changed the weights"):
+        run(cfg)
+    folder = tmp_path / "out"
+    mlrun = mlflow.MlflowClient(cfg.logger.tracking_uri).get_run((folder / "mlflow_run_id").read_text().strip())
+    assert mlrun.info.status == "FAILED"
+    assert mlrun.data.tags["failure"].startswith("NonFiniteLossError: the training loss is nan at step 1")
+    assert sorted(p.name for p in (folder / "checkpoints").iterdir()) == ["last.ckpt", "step1.ckpt"]
+    state = torch.load(folder / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
+
+
+def test_a_torn_last_checkpoint_falls_back_to_the_newest_readable_one(tmp_path):
+    for name in ("step1.ckpt", "step2.ckpt", "last.ckpt"):
+        torch.save({"step": name}, tmp_path / name)
+        time.sleep(0.01)  # distinct modification times
+    assert last_good_checkpoint(tmp_path) == tmp_path / "last.ckpt"
+    data = (tmp_path / "last.ckpt").read_bytes()
+    (tmp_path / "last.ckpt").write_bytes(data[: len(data) // 2])  # torn mid-write
+    assert last_good_checkpoint(tmp_path) == tmp_path / "step2.ckpt"
+    (tmp_path / "step2.ckpt").write_bytes(b"")
+    assert last_good_checkpoint(tmp_path) == tmp_path / "step1.ckpt"
+
+
+# A run long enough to be stopped in the middle: 24 steps of 8 sentences (one epoch of the 400-tweet slice is
+# about 45 batches), checkpoints every step, no evaluation (the weights are what is compared).
+LONG = [*TINY, *EVERY_STEP, "trainer.max_steps=24", "trainer.val_check_interval=8", "evaluate=false",
+        "task=tox"]
+
+
+def start(args: list[str], runs: Path) -> subprocess.Popen:
+    env = {**os.environ, "ALIGNMENT_RUNS_DIR": str(runs), "PYTHONPATH": str(PROJECT_ROOT)}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return subprocess.Popen([sys.executable, "-m", "alignment", *args], cwd=PROJECT_ROOT, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def finish(proc: subprocess.Popen, timeout: float = 1500) -> tuple[int, str]:
+    try:
+        output, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        output, _ = proc.communicate()
+        pytest.fail(f"python -m alignment timed out:\n{output[-4000:]}")
+    return proc.returncode, output
+
+
+def stop_at(proc: subprocess.Popen, runs: Path, checkpoint: str, signum: int) -> Path:
+    """Send `signum` once the run has written `checkpoint`; return the run folder."""
+    deadline = time.monotonic() + 1500
+    while time.monotonic() < deadline and proc.poll() is None:
+        found = list((runs / "single").glob(f"*/*/checkpoints/{checkpoint}")) if (runs / "single").exists() else []
+        if found:
+            os.killpg(proc.pid, signum)
+            return found[0].parent.parent
+        time.sleep(0.2)
+    pytest.fail(f"no {checkpoint} before the run ended:\n{finish(proc)[1][-4000:]}")
+
+
+def the_run(runs: Path, folder: Path) -> mlflow.entities.Run:
+    return mlflow.MlflowClient(f"sqlite:///{runs}/mlflow.db").get_run((folder / "mlflow_run_id").read_text().strip())
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_reaches_the_weights_of_an_uninterrupted_run(tmp_path, runs_dir):
+    cache = f"paths.cache_dir={runs_dir / 'cache'}"
+    code, output = finish(start([*LONG, cache], tmp_path / "whole"))
+    assert code == 0, output[-4000:]
+    (whole,) = (tmp_path / "whole" / "single").glob("*/*")
+
+    runs = tmp_path / "split"
+    proc = start([*LONG, cache], runs)
+    folder = stop_at(proc, runs, "step11.ckpt", signal.SIGKILL)  # mid-epoch, past the validation at step 8
+    finish(proc)
+    assert the_run(runs, folder).info.status == "RUNNING"  # nothing could say otherwise
+    run_id = (folder / "mlflow_run_id").read_text().strip()
+    code, output = finish(start([*LONG, cache, f"resume={run_id}"], runs))  # by MLflow run id: the same folder
+    assert code == 0, output[-4000:]
+    assert sorted(p.name for p in (runs / "single").glob("*/*")) == [folder.name]
+
+    mlrun = the_run(runs, folder)
+    assert mlrun.info.status == "FINISHED" and "failure" not in mlrun.data.tags
+    client = mlflow.MlflowClient(f"sqlite:///{runs}/mlflow.db")
+    steps = [m.step for m in client.get_metric_history(run_id, "train/loss")]
+    assert sorted(steps) == list(range(24))  # each step once: none twice, none skipped (log_every_n_steps=1)
+    reference = load_file(whole / "model" / "model.safetensors")
+    resumed = load_file(folder / "model" / "model.safetensors")
+    assert reference.keys() == resumed.keys()
+    for key in reference:
+        torch.testing.assert_close(resumed[key], reference[key], rtol=1e-4, atol=1e-5, msg=key)
+
+
+@pytest.mark.slow
+def test_sigterm_saves_a_checkpoint_ends_killed_and_the_resumed_run_finishes(tmp_path, runs_dir):
+    runs, cache = tmp_path / "runs", f"paths.cache_dir={runs_dir / 'cache'}"
+    proc = start([*LONG, cache], runs)
+    folder = stop_at(proc, runs, "step5.ckpt", signal.SIGTERM)
+    code, output = finish(proc)
+    assert code != 0 and "SIGTERM at step" in output, output[-4000:]
+    mlrun = the_run(runs, folder)
+    assert mlrun.info.status == "KILLED" and mlrun.data.tags["failure"] == "stopped by SIGTERM"
+    step = torch.load(folder / "checkpoints" / "last.ckpt", weights_only=True)["global_step"]
+    assert 5 <= step < 24
+
+    code, output = finish(start([*LONG, cache, f"resume={folder}"], runs))
+    assert code == 0, output[-4000:]
+    mlrun = the_run(runs, folder)
+    assert mlrun.info.status == "FINISHED" and "failure" not in mlrun.data.tags
+    assert torch.load(folder / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 24
