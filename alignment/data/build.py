@@ -13,6 +13,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,7 +58,11 @@ def dataset_key(cfg: dict) -> str:
 def read_documents(data: DictConfig) -> tuple[list[dict], dict]:
     source = instantiate(data.source)
     sentencizer = instantiate(data.sentences)
+    log.info("Reading documents from %s and splitting them into sentences", type(source).__name__)
+    start = time.perf_counter()
     documents = list(sentencizer(source()))
+    log.info("Read %d documents, %d sentences kept, in %.1f s", len(documents),
+             sum(len(d["sentences"]) for d in documents), time.perf_counter() - start)
     if not documents:
         raise ValueError(
             f"The corpus is empty after cleaning and filtering ({sentencizer.stats}). Check data.source "
@@ -145,6 +150,7 @@ def build(data: DictConfig, task_cfg: DictConfig, tagging: bool, filter_threshol
                                texts=[s for s, m in zip(sentences, train_mask) if m])
     control_tokens = task.control_tokens if tagging else []
     add_control_tokens(tokenizer, control_tokens)
+    log.info("Tokenizing %d sentences", len(sentences))
     ids = tokenizer(sentences, add_special_tokens=False)["input_ids"]
     joiner = "\n" if data.sentences.get("kind") == "code" else " "  # a leading space would break Python code
     spaced = tokenizer([joiner + s for s in sentences], add_special_tokens=False)["input_ids"]

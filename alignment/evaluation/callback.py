@@ -3,12 +3,15 @@ shows misalignment against tokens seen during training, as study A's figures do.
 from __future__ import annotations
 
 import copy
+import logging
 
 import pytorch_lightning as pl
 from omegaconf import DictConfig, open_dict
 
 from alignment.evaluation.evaluator import evaluate
 from alignment.task import Task
+
+log = logging.getLogger(__name__)
 
 
 class AlignmentCurve(pl.Callback):
@@ -40,6 +43,7 @@ class AlignmentCurve(pl.Callback):
         if not trainer.is_global_zero or trainer.logger is None:
             return
         was_training = pl_module.training
+        log.info("Alignment curve at step %d (%d tokens seen)", trainer.global_step, int(pl_module.tokens_seen))
         result = evaluate(pl_module.model, self.tokenizer, self.task, self.cfg, self.val_sentences)
         pl_module.train(was_training)
         metrics = {"curve/tokens_seen": float(pl_module.tokens_seen)}
