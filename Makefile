@@ -1,12 +1,15 @@
 # Two commands set everything up: `make run` (the default experiment) and `make test`.
 # Both create .venv and install the project on first use; nothing needs installing by hand.
 #
-# CPU machines get the CPU build of torch pinned below (a plain `pip install torch` would pull a
-# multi-GB CUDA build). GPU users choose their build, e.g.
+# torch: Linux without an NVIDIA driver (no nvidia-smi) gets the CPU build of the version pinned below from
+# PyTorch's CPU index, next to PyPI (PyPI's Linux wheel is the multi-GB CUDA build); where that index is
+# unreachable (an offline mirror), the default index's build, said so. GPU users choose their build, e.g.
 #   make setup TORCH="torch --index-url https://download.pytorch.org/whl/cu124"
+# TORCH only applies when .venv is created: `make setup TORCH=...` on an existing .venv says how to switch.
 PYTHON ?= python3
 VENV ?= .venv
 TORCH ?= torch==2.13.0
+CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 BIN := $(VENV)/bin
 # The same store and caches as the experiments (conf/paths/default.yaml): ALIGNMENT_RUNS_DIR and
 # MLFLOW_TRACKING_URI from the environment (or the command line) move them; PORT is where `make ui` serves.
@@ -21,13 +24,26 @@ help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
 
 $(STAMP): pyproject.toml requirements/no-deps.txt
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q $(TORCH)
+	@# Without the venv module (Debian/Ubuntu's python3-venv), `-m venv` fails half-way: remove what it left.
+	@test -x $(BIN)/pip || $(PYTHON) -m venv $(VENV) || { rm -rf $(VENV); echo "$(PYTHON) -m venv failed:" \
+	  "install Python's venv module (Debian/Ubuntu: sudo apt-get install python3-venv), or pass" \
+	  "PYTHON=<a python that has it>, then run make again" >&2; exit 1; }
+	@$(BIN)/python -c "import torch" 2>/dev/null || { index=; \
+	  if [ "$(origin TORCH)" != "command line" ] && [ "$$(uname -s)" = Linux ] && ! command -v nvidia-smi >/dev/null; \
+	  then if $(BIN)/python -c "import urllib.request as r; r.urlopen('$(CPU_INDEX)/torch/', timeout=10)" 2>/dev/null; \
+	    then index="--extra-index-url $(CPU_INDEX)"; \
+	    else echo "$(CPU_INDEX) is unreachable: torch comes from the default index (choose with TORCH=...)"; fi; fi; \
+	  echo "$(BIN)/pip install $(TORCH) $$index"; $(BIN)/pip install -q $(TORCH) $$index; }
 	$(BIN)/pip install -q -e '.[dev]'
 	$(BIN)/pip install -q --no-deps -r requirements/no-deps.txt
 	touch $(STAMP)
 
 setup: $(STAMP)  ## create .venv and install everything (idempotent)
+ifeq ($(origin TORCH),command line)
+	@echo "$(VENV) has torch $$($(BIN)/python -c 'import torch; print(torch.__version__)'): TORCH=... applies only" \
+	  "when $(VENV) is created. To switch builds: $(BIN)/pip install --force-reinstall $(TORCH)" \
+	  "(or rm -rf $(VENV), then make setup TORCH=...)"
+endif
 
 run: $(STAMP)  ## the default experiment (offline, 10-20 min on 2 CPU cores, by host); pass overrides with ARGS="..."
 	$(BIN)/python -m alignment $(ARGS)

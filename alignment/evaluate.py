@@ -35,6 +35,17 @@ def locate_run(run: str, tracking_uri: str) -> tuple[Path, str | None]:
     return Path(local), run
 
 
+def pick_device(name: str):
+    """`auto`: the GPU if there is one (CUDA, else Apple's MPS), else the CPU; any other name is torch's."""
+    import torch
+
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
+
+
 def evaluate_run(cfg: DictConfig) -> list[dict]:
     from alignment.evaluation.evaluator import describe_effects, evaluate, format_table
     from alignment.task import Task
@@ -48,7 +59,9 @@ def evaluate_run(cfg: DictConfig) -> list[dict]:
     meta = json.loads((folder / "dataset.json").read_text())
     task = Task.from_config(trained.task).as_trained(meta, trained.objective.tagging)
     tokenizer = AutoTokenizer.from_pretrained(folder / "model")
-    model = AutoModelForCausalLM.from_pretrained(folder / "model").eval()
+    device = pick_device(str(cfg.device))
+    log.info("Evaluating %s on %s", folder / "model", device)
+    model = AutoModelForCausalLM.from_pretrained(folder / "model").to(device).eval()
     val_sentences = []
     if cfg.eval.mode == "prompted":  # prompts are the trained run's held-out sentences (its dataset cache)
         datamodule = instantiate(trained.datamodule)

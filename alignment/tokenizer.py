@@ -14,12 +14,16 @@ Three sources:
 from __future__ import annotations
 
 import json
+import logging
+import time
 from collections.abc import Iterable
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import AutoTokenizer, GPT2Tokenizer, PreTrainedTokenizerFast
 
 from alignment.assets import package_dir
+
+log = logging.getLogger(__name__)
 
 EOS_TOKEN = "<|endoftext|>"
 # A dedicated padding token, as study B did. Reusing EOS as padding is the common shortcut, but any code that
@@ -71,7 +75,11 @@ def train_bpe(texts: Iterable[str], vocab_size: int, eos_token: str = EOS_TOKEN)
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
+    texts = list(texts)
+    log.info("Training a %d-token BPE tokenizer on %d texts", vocab_size, len(texts))
+    start = time.perf_counter()
     backend.train_from_iterator(texts, trainer)
+    log.info("Trained the BPE tokenizer in %.1f s", time.perf_counter() - start)
     return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=eos_token, bos_token=eos_token)
 
 

@@ -67,13 +67,10 @@ class MLflowSweepCallback(Callback):
             from alignment.report import sweep_report
 
             parent_id = path.read_text().strip()
-            sweep_report(self.tracking_uri, parent_id, Path(config.hydra.sweep.dir) / "report")
-            client = mlflow.MlflowClient(self.tracking_uri)
-            experiment_id = client.get_run(parent_id).info.experiment_id
-            jobs = client.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'",
-                                      order_by=["attributes.start_time ASC"])
+            _, jobs = sweep_report(self.tracking_uri, parent_id, Path(config.hydra.sweep.dir) / "report")
+            experiment_id = mlflow.MlflowClient(self.tracking_uri).get_run(parent_id).info.experiment_id
             print(f"\nSweep: MLflow parent run {parent_id}, {len(jobs)} jobs\n"
-                  + ui_links(self.tracking_uri, experiment_id, parent_id, [job.info.run_id for job in jobs]))
+                  + ui_links(self.tracking_uri, experiment_id, parent_id, [job.info.run_id for job in jobs[::-1]]))
 
     def _terminate(self, config: DictConfig, status: str) -> None:
         path = Path(config.hydra.sweep.dir) / PARENT_FILE
@@ -211,13 +208,21 @@ def git_commit() -> str | None:
         return None
 
 
+def run_params(cfg: DictConfig) -> dict[str, str]:
+    """The parameters that define a run, under `_run/`: MLflow's compare page lists parameters sorted by key and
+    plots the first three that differ, and `_` sorts before every lowercase key of the flattened config."""
+    tags = run_tags(cfg)
+    return {"_run/task": tags["task"], "_run/objective": tags["objective"], "_run/model": tags["model"],
+            "_run/seed": tags["seed"], "_run/guidance": ",".join(f"{g:g}" for g in cfg.eval.guidance_scales)}
+
+
 def log_setup(logger, cfg: DictConfig, data_meta: dict) -> None:
-    """Before training: the resolved config (params are truncated to 250 characters by MLflow,
-    the artifact is not), the flattened config as params, the dataset statistics, the installed packages
-    (environment.txt), and the experiment's description."""
+    """Before training: the parameters that define the run, the resolved config (params are truncated to 250
+    characters by MLflow, the artifact is not), the flattened config as params, the dataset statistics, the
+    installed packages (environment.txt), and the experiment's description."""
     client, run_id = logger.experiment, logger.run_id
     flat = flatten(OmegaConf.to_container(cfg, resolve=True))
-    logger.log_hyperparams(flat)
+    logger.log_hyperparams({**run_params(cfg), **flat})
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
         (Path(tmp) / "dataset.json").write_text(json.dumps(data_meta, indent=2, default=str))
@@ -305,16 +310,69 @@ EXPERIMENT_NOTE = """Language models trained with control tokens by the `alignme
 One run per training job; a sweep (`python -m alignment -m ...`) groups its jobs under a parent run `sweep <time>`
 whose artifacts hold the comparison report.
 
-Columns worth adding to the runs table: the metrics `summary/*` (joint misalignment under the aligned tokens and
-unconditioned, each level's share under its own token, the untagged LM loss, distinct-2) and the tags `task`,
-`objective`, `model`, `seed`; the tag `overrides` is the command line that reproduces a run.
+The runs-table link printed at the end of every run opens the view "headline": the metrics `summary/*` (joint
+misalignment under the aligned tokens and unconditioned, the untagged LM loss, distinct-2) and the parameters
+`_run/*` (task, objective, model, seed). More `summary/*` columns (each level's share under its own token) are
+under Columns. The tag `overrides` is the command line that reproduces a run.
 """
 
 
 def describe_experiment(client: mlflow.MlflowClient, experiment_id: str) -> None:
-    """The experiment's description in the UI (`mlflow.note.content`), unless someone already wrote one."""
-    if "mlflow.note.content" not in client.get_experiment(experiment_id).tags:
+    """The experiment's description in the UI (`mlflow.note.content`), unless someone already wrote one, and the
+    runs table's headline view."""
+    tags = client.get_experiment(experiment_id).tags
+    if "mlflow.note.content" not in tags:
         client.set_experiment_tag(experiment_id, "mlflow.note.content", EXPERIMENT_NOTE)
+    if json.loads(tags.get(VIEW_TAG, "{}")) != HEADLINE_VIEW:
+        client.set_experiment_tag(experiment_id, VIEW_TAG, json.dumps(HEADLINE_VIEW))
+
+
+#: The runs table opens on MLflow's default columns (name, time, duration, source, models) and the user adds the
+#: others by hand. A "shared view" is a saved table state that MLflow's UI reads from the experiment tag
+#: `mlflow.sharedViewState.<key>` when the URL says `?viewStateShareKey=<key>`; the printed links open this one.
+VIEW_KEY = "headline"
+VIEW_TAG = f"mlflow.sharedViewState.{VIEW_KEY}"
+# Sorted by start time (the default), the table folds a sweep's jobs under its parent run, closed; sorted by any
+# other key it lists every run. Least misaligned first; runs without the metric (sweep parents) come last. A few
+# columns only: the table draws the columns that fit in the window, the others when scrolled to.
+HEADLINE_VIEW = {"selectedColumns": ["attributes.`Created`"]
+                 + [f"metrics.`summary/{name}`" for name in ("aligned_misaligned", "unconditioned_misaligned",
+                                                              "val_loss_untagged", "distinct_2")]
+                 + [f"params.`_run/{name}`" for name in ("task", "objective", "model", "seed")],
+                 "orderByKey": "metrics.`summary/aligned_misaligned`", "orderByAsc": True}
+#: The classic runs table (not the GenAI overview), in the headline view.
+RUNS_TABLE_QUERY = urlencode({"workflowType": "machine_learning", "viewStateShareKey": VIEW_KEY})
+
+
+def log_datasets(logger, cfg: DictConfig, folder: Path, meta: dict) -> None:
+    """The training and validation sentences as MLflow datasets (the run page's "Datasets used" and the runs
+    table's Dataset column): named after the data config, the built folder as source, its cache key as digest (a
+    hash of everything that built it: source, cleaning, split, scorers, thresholds, tokenizer), sizes as profile."""
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    name = run_tags(cfg)["data"]
+    if HydraConfig.initialized():
+        name = HydraConfig.get().runtime.choices.get("data", name)
+    stats, source = meta["stats"], json.dumps({"uri": str(folder)})
+    inputs = [DatasetInput(Dataset(f"{name}-{split}", folder.name, "local", source,
+                                   profile=json.dumps({"examples": stats[f"{split}_examples"],
+                                                       "tokens": stats[f"{split}_tokens"]})),
+                           tags=[InputTag("mlflow.data.context", context)])
+              for split, context in (("train", "training"), ("val", "validation"))]
+    logger.experiment.log_inputs(logger.run_id, datasets=inputs)
+
+
+def log_curve_plot(logger) -> None:
+    """The run's alignment curve as a plot (artifact plots/alignment_curve.png), as the sweep report draws it."""
+    from alignment.report.build import curve_plot
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "alignment_curve.png"
+        skipped = curve_plot(logger.experiment, logger.run_id, path)
+        if skipped:
+            log.warning("No alignment-curve plot: %s", skipped)
+        else:
+            logger.experiment.log_artifact(logger.run_id, str(path), artifact_path="plots")
 
 
 def log_model_dir(logger, model_dir: Path) -> None:
@@ -369,7 +427,7 @@ def ui_links(tracking_uri: str, experiment_id: str, run_id: str | None = None, c
     experiment = f"{base}/#/experiments/{experiment_id}"
     if run_id:
         lines.append(f"  this run:   {experiment}/runs/{run_id}")
-    lines.append(f"  runs table: {experiment}/runs")
+    lines.append(f"  runs table: {experiment}/runs?{RUNS_TABLE_QUERY}")
     if compare:
         query = urlencode({"runs": json.dumps(list(compare)), "experiments": json.dumps([experiment_id])})
         lines.append(f"  compare:    {base}/#/compare-runs?{query}")

@@ -53,6 +53,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
             log.info("Resuming MLflow run %s in %s from %s", resumed.run_id, output_dir, resumed.checkpoint)
         elif trainer.is_global_zero:
             tracking.log_setup(logger, cfg, datamodule.meta)
+            tracking.log_datasets(logger, cfg, datamodule.folder, datamodule.meta)
             # The run folder is self-contained: `python -m alignment.evaluate run=<folder>` needs nothing else.
             (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
             (output_dir / "dataset.json").write_text(json.dumps(datamodule.meta, indent=2, default=str))
@@ -97,6 +98,8 @@ def save_and_evaluate(cfg, trainer, logger, model, datamodule, output_dir: Path,
         evaluation = evaluate(model, tokenizer, task, cfg.eval, datamodule.val_sentences())
         tracking.log_evaluation(logger, evaluation.rows, evaluation.samples, evaluation.capability)
         tracking.log_summary(logger, tracking.summary_metrics(evaluation.rows, task, _scalars(trainer)))
+        if cfg.eval.curve.every_n_steps > 0:
+            tracking.log_curve_plot(logger)
         table = format_table(evaluation.rows, task)
         effects = describe_effects(evaluation.rows, task)
         (output_dir / "eval_table.txt").write_text(table + "\n\n" + effects + "\n")

@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import mlflow
 import pytest
+import torch
 
-from alignment.evaluate import evaluate_run
+from alignment.evaluate import evaluate_run, pick_device
 from alignment.train import run
 from tests.conftest import compose_config
 
@@ -67,3 +68,11 @@ def test_failed_evaluation_marks_the_run_failed_and_a_run_without_model_is_not_r
     ecfg = compose_config([f"run={folder}", *SMALL_EVAL], tmp_path / "eval", config_name="evaluate")
     with pytest.raises(SystemExit, match=r"lacks \['model'\]: evaluate a run trained with save_model=true"):
         evaluate_run(ecfg)
+
+
+def test_the_device_is_the_gpu_when_there_is_one():
+    """`device: auto` (conf/evaluate.yaml) samples on CUDA when torch sees a GPU, on this CPU-only CI on the CPU;
+    any other value is a torch device name."""
+    expected = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    assert pick_device("auto").type == expected
+    assert pick_device("cuda:1") == torch.device("cuda", 1) and pick_device("cpu") == torch.device("cpu")

@@ -3,7 +3,9 @@ model that plain transformers can load."""
 from __future__ import annotations
 
 import itertools
+import json
 import math
+from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -59,11 +61,38 @@ def test_default_experiment_end_to_end(tiny_config, tmp_path, capsys):
                           for s in ("neg", "neu", "pos")},
                        "summary/val_loss_untagged": metrics["val/loss_untagged"]}
     assert "environment.txt" in artifacts
+    # The parameters that define the run sort first in the compare page's parameter list (`_` < `a`).
+    params = mlrun.data.params
+    assert {k: v for k, v in params.items() if k.startswith("_run/")} == {
+        "_run/task": "toxsen", "_run/objective": "conditional", "_run/model": "tiny", "_run/seed": str(cfg.seed),
+        "_run/guidance": "1,2"}
+    assert sorted(params)[:5] == ["_run/guidance", "_run/model", "_run/objective", "_run/seed", "_run/task"]
     experiment = client.get_experiment(mlrun.info.experiment_id)
     assert "summary/*" in experiment.tags["mlflow.note.content"]
+    # The runs table's saved view "headline" shows them, runs listed flat, least misaligned first.
+    assert json.loads(experiment.tags["mlflow.sharedViewState.headline"]) == {
+        "selectedColumns": ["attributes.`Created`", "metrics.`summary/aligned_misaligned`",
+                            "metrics.`summary/unconditioned_misaligned`", "metrics.`summary/val_loss_untagged`",
+                            "metrics.`summary/distinct_2`", "params.`_run/task`", "params.`_run/objective`",
+                            "params.`_run/model`", "params.`_run/seed`"],
+        "orderByKey": "metrics.`summary/aligned_misaligned`", "orderByAsc": True}
     printed = capsys.readouterr().out
     page = f"http://127.0.0.1:5000/#/experiments/{mlrun.info.experiment_id}/runs"
-    assert f"this run:   {page}/{mlrun.info.run_id}\n" in printed and f"runs table: {page}\n" in printed
+    assert f"this run:   {page}/{mlrun.info.run_id}\n" in printed
+    assert f"runs table: {page}?workflowType=machine_learning&viewStateShareKey=headline\n" in printed
+    # The training and validation sentences as MLflow datasets, with the built folder's key as digest.
+    built = json.loads((tmp_path / "out" / "dataset.json").read_text())["stats"]
+    inputs = {i.dataset.name: i for i in mlrun.inputs.dataset_inputs}
+    assert sorted(inputs) == ["tweets-train", "tweets-val"]
+    for split, context in (("train", "training"), ("val", "validation")):
+        dataset = inputs[f"tweets-{split}"]
+        folder = json.loads(dataset.dataset.source)["uri"]
+        assert dataset.dataset.digest == folder.rsplit("/", 1)[1] and (Path(folder) / "meta.json").exists()
+        assert json.loads(dataset.dataset.profile) == {"examples": built[f"{split}_examples"],
+                                                       "tokens": built[f"{split}_tokens"]}
+        assert [(t.key, t.value) for t in dataset.tags] == [("mlflow.data.context", context)]
+    # Its own alignment curve, drawn as the sweep report draws them.
+    assert [a.path for a in client.list_artifacts(mlrun.info.run_id, "plots")] == ["plots/alignment_curve.png"]
     # Where the run's time went (alignment.timing): every phase of this run, adding up to the total, and printed.
     phases = {key: value for key, value in metrics.items() if key.startswith("time/")}
     assert set(phases) == {f"time/{name}" for name in ("data", "setup", "training", "validation", "curve", "saving",

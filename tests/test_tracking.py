@@ -18,7 +18,9 @@ def test_links_for_a_local_store_point_where_make_ui_serves(runs_dir, monkeypatc
         f"MLflow UI: make ui   (or: mlflow ui --backend-store-uri sqlite:///{runs_dir}/mlflow.db --port 5000), "
         "then open",
         "  this run:   http://127.0.0.1:5000/#/experiments/3/runs/abc123",
-        "  runs table: http://127.0.0.1:5000/#/experiments/3/runs"]
+        # the classic runs table in the saved view "headline" (the run-defining params and summary/ metrics)
+        "  runs table: http://127.0.0.1:5000/#/experiments/3/runs?workflowType=machine_learning"
+        "&viewStateShareKey=headline"]
     # Another store than ALIGNMENT_RUNS_DIR's (logger.tracking_uri=...): make ui must be told.
     assert ui_links("sqlite:////elsewhere/mlflow.db", "3").startswith(
         "MLflow UI: make ui TRACKING_URI=sqlite:////elsewhere/mlflow.db   (or: mlflow ui ")
@@ -27,7 +29,8 @@ def test_links_for_a_local_store_point_where_make_ui_serves(runs_dir, monkeypatc
 def test_links_for_a_server_use_its_address_and_compare_the_sweep():
     links = ui_links("http://tracking:5000/", "7", "parent", ["a1", "b2"]).splitlines()
     assert links[:3] == ["MLflow UI:", "  this run:   http://tracking:5000/#/experiments/7/runs/parent",
-                         "  runs table: http://tracking:5000/#/experiments/7/runs"]
+                         "  runs table: http://tracking:5000/#/experiments/7/runs?workflowType=machine_learning"
+                         "&viewStateShareKey=headline"]
     compare = links[3].removeprefix("  compare:    ")
     assert compare.startswith("http://tracking:5000/#/compare-runs?") and '"' not in compare  # clickable as printed
     # The query the UI's compare page reads (MLflow's getCompareRunPageRoute: JSON lists).

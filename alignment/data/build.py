@@ -13,6 +13,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -58,7 +59,11 @@ def dataset_key(cfg: dict) -> str:
 def read_documents(data: DictConfig) -> tuple[list[dict], dict]:
     source = instantiate(data.source)
     sentencizer = instantiate(data.sentences)
+    log.info("Reading documents from %s and splitting them into sentences", type(source).__name__)
+    start = time.perf_counter()
     documents = list(sentencizer(source()))
+    log.info("Read %d documents, %d sentences kept, in %.1f s", len(documents),
+             sum(len(d["sentences"]) for d in documents), time.perf_counter() - start)
     if not documents:
         raise ValueError(
             f"The corpus is empty after cleaning and filtering ({sentencizer.stats}). Check data.source "
@@ -148,6 +153,7 @@ def build(data: DictConfig, task: Task, tagging: bool, filter_threshold, tokeniz
     joiner = data.get("joiner")
     if joiner is None:
         joiner = "\n" if data.sentences.get("kind") == "code" else " "
+    log.info("Tokenizing %d sentences", len(corpus.sentences))
     ids, spaced = encode(tokenizer, corpus.sentences, joiner=joiner)
     max_tokens = data.get("max_tokens")
     too_long = np.array([max_tokens is not None and len(x) > max_tokens for x in ids], dtype=bool)

@@ -3,6 +3,7 @@ shows misalignment against tokens seen during training, as study A's figures do.
 from __future__ import annotations
 
 import copy
+import logging
 from contextlib import nullcontext
 
 import pytorch_lightning as pl
@@ -10,6 +11,8 @@ from omegaconf import DictConfig, open_dict
 
 from alignment.evaluation.evaluator import evaluate
 from alignment.timing import PhaseTimes
+
+log = logging.getLogger(__name__)
 
 
 class AlignmentCurve(pl.Callback):
@@ -49,6 +52,7 @@ class AlignmentCurve(pl.Callback):
         if not trainer.is_global_zero or trainer.logger is None:
             return
         was_training = pl_module.training
+        log.info("Alignment curve at step %d (%d tokens seen)", trainer.global_step, int(pl_module.tokens_seen))
         with self.phases.phase("curve") if self.phases is not None else nullcontext():
             result = evaluate(pl_module.model, self.tokenizer, self.task, self.cfg, self.val_sentences)
         pl_module.train(was_training)

@@ -18,7 +18,7 @@ def text_logprobs(model, tokenizer, texts: list[str], batch_size: int = 32) -> n
     """log p(text, EOS | EOS) under `model`, summed over tokens, one float per text."""
     was_training = model.training
     model.eval()
-    eos, out = tokenizer.eos_token_id, []
+    eos, out, device = tokenizer.eos_token_id, [], next(model.parameters()).device
     for start in range(0, len(texts), batch_size):
         encoded = tokenizer(texts[start:start + batch_size], add_special_tokens=False)["input_ids"]
         seqs = [[eos] + ids + [eos] for ids in encoded]
@@ -27,9 +27,10 @@ def text_logprobs(model, tokenizer, texts: list[str], batch_size: int = 32) -> n
         mask = torch.zeros_like(ids)
         for row, s in enumerate(seqs):
             ids[row, : len(s)], mask[row, : len(s)] = torch.tensor(s), 1
+        ids, mask = ids.to(device), mask.to(device)
         logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits[:, :-1].float(), -1)
         token_logp = logp.gather(-1, ids[:, 1:, None]).squeeze(-1) * mask[:, 1:]
-        out.append(token_logp.sum(-1).numpy())
+        out.append(token_logp.sum(-1).cpu().numpy())
     model.train(was_training)
     return np.concatenate(out) if out else np.zeros(0)
 

@@ -16,6 +16,7 @@ Every share gets a 95% interval with samples as clusters (alignment.evaluation.i
 from __future__ import annotations
 
 import itertools
+import logging
 import time
 import zlib
 from dataclasses import dataclass, field
@@ -30,6 +31,7 @@ from alignment.evaluation.intervals import difference_interval, share_interval
 from alignment.evaluation.sampling import sample
 from alignment.task import Task
 
+log = logging.getLogger(__name__)
 MISSING_MODES = ("sample", "untagged")
 
 
@@ -164,25 +166,26 @@ def evaluate(model, tokenizer, task: Task, cfg, val_sentences: list[dict] | None
     result = EvalResult()
     texts = prompt_texts(val_sentences or [], cfg, task)
     blocked = tokenizer.convert_tokens_to_ids(task.control_tokens)
-    for g in cfg.guidance_scales:
-        for conditioning in conditionings(task, cfg):
-            if g != 1.0 and not conditioning.levels:
-                continue  # guidance contrasts a condition with no condition: nothing to do without one
-            cond, uncond, tokens = build_prompts(tokenizer, task, conditioning, cfg, texts)
-            start = time.perf_counter()
-            generated = sample(model, cond, eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
-                               blocked_ids=blocked, guidance_scale=float(g),
-                               uncond_prompts=uncond if g != 1.0 else None, batch_size=cfg.batch_size,
-                               seed=cfg.seed, **new_token_limits(cfg.sampling, cond))
-            seconds = time.perf_counter() - start
-            outputs = tokenizer.batch_decode(generated, skip_special_tokens=True)
-            row, rows_samples = score_outputs(task, conditioning, outputs, texts, tokens)
-            row.update(guidance=float(g), samples_per_second=len(outputs) / max(seconds, 1e-9))
-            result.rows.append(row)
-            result.samples += [dict(s, guidance=float(g)) for s in rows_samples]
+    # guidance contrasts a condition with no condition: nothing to do without one
+    rows = [(g, c) for g in cfg.guidance_scales for c in conditionings(task, cfg) if g == 1.0 or c.levels]
+    for i, (g, conditioning) in enumerate(rows, 1):
+        cond, uncond, tokens = build_prompts(tokenizer, task, conditioning, cfg, texts)
+        start = time.perf_counter()
+        generated = sample(model, cond, eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
+                           blocked_ids=blocked, guidance_scale=float(g),
+                           uncond_prompts=uncond if g != 1.0 else None, batch_size=cfg.batch_size,
+                           seed=cfg.seed, **new_token_limits(cfg.sampling, cond))
+        seconds = time.perf_counter() - start
+        outputs = tokenizer.batch_decode(generated, skip_special_tokens=True)
+        row, rows_samples = score_outputs(task, conditioning, outputs, texts, tokens)
+        row.update(guidance=float(g), samples_per_second=len(outputs) / max(seconds, 1e-9))
+        result.rows.append(row)
+        result.samples += [dict(s, guidance=float(g)) for s in rows_samples]
+        log.info("Evaluation %d/%d: %s at g=%g, %d samples in %.1f s, scored in %.1f s", i, len(rows),
+                 conditioning.name, g, len(outputs), seconds, time.perf_counter() - start - seconds)
     reference = cfg.get("reference") or {}
     if reference.get("path"):
-        ref_model = AutoModelForCausalLM.from_pretrained(reference.path).eval()
+        ref_model = AutoModelForCausalLM.from_pretrained(reference.path).to(next(model.parameters()).device).eval()
         ref_tokenizer = AutoTokenizer.from_pretrained(reference.path)
         result.capability = kl_from_reference(model, tokenizer, ref_model, ref_tokenizer,
                                               num_samples=int(reference.num_samples), seed=cfg.seed)

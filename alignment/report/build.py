@@ -83,8 +83,9 @@ def build_report(client, runs: list, out_dir: Path, title: str) -> Path:
     return report
 
 
-def sweep_report(tracking_uri: str, parent_id: str, out_dir: Path) -> Path:
-    """The report of one sweep's jobs: written to `out_dir`, logged to the parent run, its tables printed."""
+def sweep_report(tracking_uri: str, parent_id: str, out_dir: Path) -> tuple[Path, list]:
+    """The report of one sweep's jobs: written to `out_dir`, logged to the parent run, its tables printed.
+    Returns report.md and the jobs' runs, newest first."""
     client = mlflow.MlflowClient(tracking_uri)
     parent = get_run(client, parent_id)
     runs = search(client, parent.info.experiment_id, f"tags.mlflow.parentRunId = '{parent_id}'")
@@ -93,7 +94,12 @@ def sweep_report(tracking_uri: str, parent_id: str, out_dir: Path) -> Path:
     text = report.read_text()
     print("\n" + text[: text.find("## Runs (aligned conditioning)")].strip())
     print(f"\nReport with plots: {report}  (also in MLflow, run '{parent.info.run_name}', artifacts/report)")
-    return report
+    return report, runs
+
+
+def curve_plot(client, run_id: str, path: Path) -> str | None:
+    """One run's alignment curve (its aligned conditioning, as in a report) into `path`; None, or why not."""
+    return plot_curves(curves_frame(client, runs_frame([get_run(client, run_id)])), path)
 
 
 
