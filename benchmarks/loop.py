@@ -23,7 +23,6 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from alignment import CONF_DIR
-from alignment.model import build_model
 from alignment.module import warmup_then_decay
 from alignment.objectives import MLE
 
@@ -107,9 +106,9 @@ def lightning_vs_bare(overrides: list[str], steps: int, warmup: int = 3) -> dict
         datamodule.prepare_data()
         datamodule.setup("fit")
         torch.manual_seed(SEED)
-        model = build_model(vocab_size=len(datamodule.tokenizer), arch=OmegaConf.to_container(cfg.model.arch))
+        model = instantiate(cfg.module.model)(datamodule.tokenizer, datamodule.task.control_tokens)  # as in a run
         twin = copy.deepcopy(model)
-        module = instantiate(cfg.module, model=model, objective=MLE())
+        module = instantiate(cfg.module, model=lambda *_: model, objective=MLE())
         # Its own loader over the same data: the sampler's seed gives it the same batches in the same order.
         bare_batches = itertools.cycle(datamodule.train_dataloader())
         interleave = Interleave(BareLoop(twin, cfg, steps + warmup), bare_batches, warmup)

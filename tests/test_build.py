@@ -233,7 +233,7 @@ def test_study_a_packed_text_keeps_each_documents_segments_as_they_were(runs_dir
     corpus.mkdir()
     pq.write_table(pa.Table.from_pylist(rows), corpus / "train.parquet")
     common = ["data=pile_detoxify", f"data.source.name={corpus}", "data.source.fraction=1.0", "objective=mle",
-              "data.source.exclude_sources=[]", "data.sentences.rule=raw", "data.sentences.dedupe=false",
+              "+data.source.exclude_sources=[]", "data.sentences.rule=raw", "data.sentences.dedupe=false",
               "data.max_tokens=null", "data.val_fraction=0.3", "model.tokenizer.kind=gpt2_offline", "task=toxicity",
               "data.layout=packed", "data.block_size=8",
               "task.attributes.toxicity.precomputed=detoxify_original", "datamodule.progress=false"]

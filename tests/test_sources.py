@@ -23,6 +23,7 @@ from alignment.data.sources import (
     PythonCodeSource,
     TweetsSource,
 )
+from tests.conftest import compose_config
 
 
 @pytest.fixture(autouse=True)
@@ -225,38 +226,43 @@ def test_pile_documents_through_the_sentencizer_keep_scores_aligned(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # conf/data/*.yaml
 
-DATA_CONFIGS = sorted((CONF_DIR / "data").glob("*.yaml"))
+DATA_CONFIGS = sorted(p for p in (CONF_DIR / "data").glob("*.yaml") if p.stem != "_base")
 
 
-def test_data_configs_have_exactly_the_same_keys():
+def _data_config(name: str, tmp_path: Path):
+    """conf/data/<name>.yaml as a run composes it (its `_base` defaults included)."""
+    return compose_config([f"data={name}"], tmp_path / name).data
+
+
+def test_data_configs_have_exactly_the_same_keys(tmp_path):
     assert {p.stem for p in DATA_CONFIGS} >= {"tweets", "pile_detoxify", "hf", "files", "python_code"}
     for path in DATA_CONFIGS:
-        cfg = OmegaConf.load(path)
-        keys = ["source", "sentences", "val_fraction", "max_tokens", "seed", "layout", "block_size"]
-        assert list(cfg) == keys, path.name
+        cfg = _data_config(path.stem, tmp_path)
+        keys = ["sentences", "val_fraction", "max_tokens", "seed", "layout", "joiner", "block_size", "source"]
+        assert sorted(cfg) == sorted(keys), path.name
         assert cfg.val_fraction == 0.05 and cfg.seed == 42, path.name
         assert cfg.sentences._target_ == "alignment.data.sentences.Sentencizer", path.name
-    assert OmegaConf.missing_keys(OmegaConf.load(CONF_DIR / "data" / "hf.yaml")) == {"source.name"}
-    assert OmegaConf.missing_keys(OmegaConf.load(CONF_DIR / "data" / "files.yaml")) == {"source.paths"}
+    assert OmegaConf.missing_keys(_data_config("hf", tmp_path)) == {"data.source.name"}
+    assert OmegaConf.missing_keys(_data_config("files", tmp_path)) == {"data.source.paths"}
 
 
 def test_data_configs_instantiate(tmp_path):
-    tweets = OmegaConf.load(CONF_DIR / "data" / "tweets.yaml")
+    tweets = _data_config("tweets", tmp_path)
     tweets.source.limit = 50
     sentences = instantiate(tweets.sentences)
     assert len(list(sentences(instantiate(tweets.source)()))) > 30
 
-    pile = OmegaConf.load(CONF_DIR / "data" / "pile_detoxify.yaml")
+    pile = _data_config("pile_detoxify", tmp_path)
     source = instantiate(pile.source)
     assert (source.fraction, source.seed, source.exclude_sources) == (0.02, 42, frozenset(STUDY_B_EXCLUDED_PILE_SETS))
     assert (instantiate(pile.sentences).rule, instantiate(pile.sentences).min_words) == ("strict", 10)
 
-    files = OmegaConf.load(CONF_DIR / "data" / "files.yaml")
+    files = _data_config("files", tmp_path)
     files.source.paths = str(_write(tmp_path / "x.txt", "Four words right here."))
     assert list(instantiate(files.sentences)(instantiate(files.source)())) == [
         {"sentences": ["Four words right here."], "scores": {}}]
 
-    code = OmegaConf.load(CONF_DIR / "data" / "python_code.yaml")
+    code = _data_config("python_code", tmp_path)
     code.source.limit = 2
     files = [d["text"] for d in instantiate(code.source)()]
     snippets = [d["sentences"] for d in instantiate(code.sentences)(iter([{"text": text} for text in files]))]
