@@ -91,6 +91,8 @@ def run_status(logger: RunLogger, guard: Guard, active: bool = True):
         sigterm = isinstance(stop, SIGTERMException) or getattr(stop, "code", None) == 128 + signal.SIGTERM
         reason = "SIGTERM" if sigterm else guard.stopped_by or type(stop).__name__
         _end(client, run_id, "KILLED", f"stopped by {reason}")
+        if sigterm and stop.code is None:  # Lightning's SIGTERMException carries no code: the process would exit 0
+            raise SystemExit(128 + signal.SIGTERM) from stop
         raise
     except BaseException as error:
         _end(client, run_id, "FAILED", f"{type(error).__name__}: {error}")
