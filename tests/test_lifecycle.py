@@ -56,7 +56,7 @@ def test_a_torn_last_checkpoint_falls_back_to_the_newest_readable_one(tmp_path):
 
 # A run long enough to be stopped in the middle: 24 steps of 8 sentences (one epoch of the 400-tweet slice is
 # about 45 batches), checkpoints every step, no evaluation and no alignment curve (the weights are what is
-# compared; a curve point landing on the checkpoint step is not yet replayed bit for bit on resume).
+# compared; with the curve on, this comparison failed once in four tries, not yet understood).
 LONG = [*TINY, *EVERY_STEP, "trainer.max_steps=24", "trainer.val_check_interval=8", "evaluate=false",
         "eval.curve.every_n_steps=0", "task=tox"]
 
