@@ -28,6 +28,26 @@ def test_clean_rules(raw, gentle, strict):
     assert clean(raw, "strict") == strict
 
 
+@pytest.mark.parametrize("raw, collapsed", [
+    ("@a @b_1  @c thanks!", "@user thanks!"),
+    ("RT @a: @b @c so good", "RT @user: @user so good"),      # the colon ends the run
+    ("mail a@b.com @x @y", "mail a@b.com @user"),             # an e-mail address is not a mention
+    ("@a hi @b", "@user hi @user"),                           # single mentions stay
+])
+def test_clean_collapses_runs_of_mentions_only_when_asked(raw, collapsed):
+    assert clean(raw, collapse_mentions=True) == collapsed
+    assert clean(raw, "strict", collapse_mentions=True) == clean(collapsed, "strict")
+    assert clean("@a @b hi") == "@user @user hi"
+
+
+def test_sentencizer_collapses_mentions_in_text_and_presplit_documents():
+    sentencizer = Sentencizer(min_words=2, collapse_mentions=True)
+    text = list(sentencizer([{"text": "@a @b @c I love it. Then @d @e came"}]))
+    presplit = list(sentencizer([{"sentences": ["@a @b @c I love it."], "scores": {"x": [0.5]}}]))
+    assert text == [{"sentences": ["@user I love it.", "Then @user came"], "scores": {}}]
+    assert presplit == [{"sentences": ["@user I love it."], "scores": {"x": [0.5]}}]
+
+
 def test_clean_rejects_unknown_rule():
     with pytest.raises(ValueError, match="gentle"):
         clean("x", "aggressive")

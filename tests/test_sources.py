@@ -51,6 +51,11 @@ def test_tweets_pipeline_sentence_count():
     sentences = [s for d in documents for s in d["sentences"]]
     assert len(set(sentences)) == len(sentences)
     assert not any("http" in s or not s.isascii() for s in sentences)
+    # The shipped default also collapses runs of mentions (conf/data/tweets.yaml): some sentences fall under 4 words
+    # or become duplicates.
+    collapsing = Sentencizer(rule="gentle", min_words=4, collapse_mentions=True)
+    assert sum(len(d["sentences"]) for d in collapsing(TweetsSource()())) == 47_494
+    assert collapsing.stats["dropped_short"] - sentencizer.stats["dropped_short"] == 113
 
 
 # ---------------------------------------------------------------------------------------------
