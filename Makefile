@@ -45,7 +45,7 @@ ifeq ($(origin TORCH),command line)
 	  "(or rm -rf $(VENV), then make setup TORCH=...)"
 endif
 
-run: $(STAMP)  ## the default experiment (offline, ~7 min on 2 CPU cores); pass overrides with ARGS="..."
+run: $(STAMP)  ## the default experiment (offline, ~9 min on 2 CPU cores); pass overrides with ARGS="..."
 	$(BIN)/python -m alignment $(ARGS)
 
 grid: $(STAMP)  ## study B's grid on the offline default (none/tox/sen/toxsen x 3 seeds), then its report
