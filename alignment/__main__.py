@@ -31,7 +31,18 @@ def main(cfg: DictConfig) -> float | None:
             raise
         print(f"Error: {error}", file=sys.stderr)
         sys.exit(2)
-    return metrics.get("val/loss")  # what a sweeper (e.g. Optuna) minimises
+    if HydraConfig.get().mode != RunMode.MULTIRUN:
+        return None  # only a sweeper reads the return value
+    return optimized_value(metrics, cfg.optimized_metric)
+
+
+def optimized_value(metrics: dict[str, float], name: str | None) -> float | None:
+    """What a sweeper (e.g. Optuna) minimises: the run's metric `name` (None: nothing)."""
+    if name is None or not metrics:  # no metric asked for, or a DDP rank other than 0
+        return None
+    if name not in metrics:
+        raise KeyError(f"optimized_metric={name!r} is not among this run's metrics: {', '.join(sorted(metrics))}")
+    return metrics[name]
 
 
 if __name__ == "__main__":

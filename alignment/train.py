@@ -97,7 +97,9 @@ def save_and_evaluate(cfg, trainer, logger, model, datamodule, output_dir: Path,
         model.to(trainer.strategy.root_device).eval()  # Lightning moves the module back to CPU after fit
         evaluation = evaluate(model, tokenizer, task, cfg.eval, datamodule.val_sentences())
         tracking.log_evaluation(logger, evaluation.rows, evaluation.samples, evaluation.capability)
-        tracking.log_summary(logger, tracking.summary_metrics(evaluation.rows, task, _scalars(trainer)))
+        summary = tracking.summary_metrics(evaluation.rows, task, _scalars(trainer))
+        tracking.log_summary(logger, summary)
+        results.update(summary)  # the headline numbers, also for a sweeper's optimized_metric
         if cfg.eval.curve.every_n_steps > 0:
             tracking.log_curve_plot(logger)
         table = format_table(evaluation.rows, task)
