@@ -6,6 +6,7 @@ are called on global rank 0 only. The two Hydra callbacks run in the sweep's mai
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -47,7 +48,7 @@ class MLflowSweepCallback(Callback):
         self.artifact_location = artifact_location_for(tracking_uri, artifact_location)
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        client = mlflow.MlflowClient(self.tracking_uri)
+        client = open_store(self.tracking_uri)
         experiment_id = ensure_experiment(client, self.experiment_name, self.artifact_location)
         describe_experiment(client, experiment_id)
         overrides = " ".join(command_line_overrides(config.hydra.overrides.task))
@@ -157,9 +158,26 @@ def mlflow_logger(tracking_uri: str, artifact_location: str | None = None, **kwa
     ended), with the artifact location left to the server if there is one."""
     from alignment.lifecycle import RunLogger
 
+    open_store(tracking_uri)
     return RunLogger(tracking_uri=tracking_uri,
                         artifact_location=artifact_location_for(tracking_uri, artifact_location),
                         **kwargs)
+
+
+def open_store(tracking_uri: str) -> mlflow.MlflowClient:
+    """A client of the store, opened under a file lock if it is a sqlite file: the first process to open a new
+    file creates MLflow's tables, and two sweeps started at once raced on that (`table _alembic_tmp_experiments
+    already exists`: the second sweep lost its parent run). Later opens in the same process reuse the store."""
+    parsed = urlparse(tracking_uri)
+    if parsed.scheme != "sqlite" or parsed.path in ("", "/", "/:memory:"):
+        return mlflow.MlflowClient(tracking_uri)
+    database = Path(parsed.path[1:])  # sqlite:////abs/file.db -> /abs/file.db; sqlite:///rel.db -> rel.db
+    database.parent.mkdir(parents=True, exist_ok=True)
+    with open(f"{database}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        client = mlflow.MlflowClient(tracking_uri)
+        client.search_experiments(max_results=1)  # the store is open: its tables exist and are current
+    return client
 
 
 def ensure_experiment(client: mlflow.MlflowClient, name: str, artifact_location: str | None) -> str:

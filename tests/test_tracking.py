@@ -1,11 +1,17 @@
 """What a run tells its user about MLflow: the UI links, the `summary/` headline metrics, the environment."""
 from __future__ import annotations
 
+import subprocess
+import sys
+import time
 from importlib import metadata
 from urllib.parse import parse_qs, urlsplit
 
+import mlflow
 import numpy as np
+import pytest
 
+from alignment import PROJECT_ROOT
 from alignment.task import Attribute, Task
 from alignment.tracking import environment, summary_metrics, ui_links
 
@@ -72,3 +78,34 @@ def test_environment_lists_the_installed_versions():
     lines = environment().splitlines()
     assert lines[0].startswith("# python 3.")
     assert f"torch=={metadata.version('torch')}" in lines and f"mlflow=={metadata.version('mlflow')}" in lines
+
+
+# Four processes open one new sqlite store at the same moment and each logs a run.
+_OPEN_AT_ONCE = """
+import sys, time
+import mlflow
+from alignment.tracking import open_store, ensure_experiment
+uri, start, locked = sys.argv[1], float(sys.argv[2]), sys.argv[3] == "1"
+time.sleep(max(0.0, start - time.time()))
+client = open_store(uri) if locked else mlflow.MlflowClient(uri)
+run = client.create_run(ensure_experiment(client, "alignment", None))
+client.set_terminated(run.info.run_id)
+"""
+
+
+def _open_at_once(uri: str, locked: bool, processes: int = 4) -> list[subprocess.CompletedProcess]:
+    start = time.time() + 6  # every process has imported mlflow by then
+    procs = [subprocess.Popen([sys.executable, "-c", _OPEN_AT_ONCE, uri, str(start), str(int(locked))],
+                              cwd=PROJECT_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for _ in range(processes)]
+    return [subprocess.CompletedProcess(p.args, p.wait(timeout=120), p.stdout.read()) for p in procs]
+
+
+@pytest.mark.slow  # four processes import mlflow: ~20 s idle
+def test_processes_opening_a_new_sqlite_store_at_once_all_log_their_run(tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    results = _open_at_once(uri, locked=True)
+    assert [r.returncode for r in results] == [0, 0, 0, 0], "\n".join(r.stdout[-2000:] for r in results)
+    client = mlflow.MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("alignment").experiment_id])
+    assert len(runs) == 4 and {r.info.status for r in runs} == {"FINISHED"}
