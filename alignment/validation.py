@@ -168,8 +168,8 @@ def validate(cfg: DictConfig, check_server: bool = True) -> None:
     problems += _paths(cfg)
     if not problems:  # the component checks assume the basic types are right
         problems += _components(cfg)
-    if check_server:
-        problems += _tracking_server(OmegaConf.select(cfg, "logger.tracking_uri", default=None))
+    server = _tracking_server(OmegaConf.select(cfg, "logger.tracking_uri", default=None)) if check_server else []
+    problems += server or _resume(cfg)  # a run id is looked up on the server: only once it answers
     if problems:
         raise ConfigError(problems)
 
@@ -258,6 +258,36 @@ def _threshold_ok(spec) -> bool:
     if isinstance(spec, DictConfig):
         return set(spec.keys()) == {"quantile"} and _is_number(spec.quantile) and 0 <= spec.quantile <= 1
     return _is_number(spec)
+
+
+def _resume(cfg: DictConfig) -> list[str]:
+    """`resume=`: a run folder or MLflow run id with a checkpoint to go on from, in a single run."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    from alignment import resume
+
+    value = OmegaConf.select(cfg, "resume", default=None)
+    if value in (None, ""):
+        return []
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        return [f"resume={value}: resumes one run, not a sweep (-m): run the stopped job's command alone with it "
+                "(a job SLURM requeued resumes by itself)"]
+    return resume.problems(value, OmegaConf.select(cfg, "logger.tracking_uri", default=""))
+
+
+def store_exists(tracking_uri: str) -> bool:
+    """False for a local store that does not exist yet (a sqlite file, a file:// folder): asking MLflow about a run
+    there would create an empty store. A server must answer (ValueError naming it otherwise): MLflow's client
+    would retry for minutes."""
+    parsed = urlparse(tracking_uri)
+    if parsed.scheme == "sqlite":
+        return Path(tracking_uri[len("sqlite:///"):]).is_file()
+    if parsed.scheme in ("", "file"):
+        return Path(parsed.path).is_dir()
+    if problems := _tracking_server(tracking_uri):
+        raise ValueError(problems[0])
+    return True
 
 
 def _tracking_server(uri: str | None) -> list[str]:
