@@ -6,9 +6,6 @@ Examples:
     python -m alignment -m task=tox,sen,toxsen,none       # study B's grid
     python -m alignment --help                            # every config group and its options
 """
-import os
-import sys
-
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
@@ -20,17 +17,10 @@ from alignment import CONF_DIR
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def main(cfg: DictConfig) -> float | None:
     from alignment.train import run  # heavy imports after Hydra has parsed the command line (fast --help)
-    from alignment.validation import ConfigError
+    from alignment.validation import user_errors
 
-    try:
+    with user_errors():  # a ConfigError: its message alone, exit code 2
         metrics = run(cfg)
-    except ConfigError as error:
-        # A user error: its message says everything, a traceback would bury it. In a sweep Hydra reports the
-        # failed job itself (and ends the sweep's parent run); HYDRA_FULL_ERROR=1 shows the traceback anyway.
-        if os.environ.get("HYDRA_FULL_ERROR") == "1" or HydraConfig.get().mode == RunMode.MULTIRUN:
-            raise
-        print(f"Error: {error}", file=sys.stderr)
-        sys.exit(2)
     if HydraConfig.get().mode != RunMode.MULTIRUN:
         return None  # only a sweeper reads the return value
     return optimized_value(metrics, cfg.optimized_metric)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 
 import hydra
@@ -17,22 +18,44 @@ from omegaconf import DictConfig, OmegaConf
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from alignment import CONF_DIR, tracking
+from alignment.validation import store_exists, user_errors, validate
 
 log = logging.getLogger(__name__)
 
 
+#: What a run folder must hold to be evaluated (alignment.train writes them).
+NEEDED = ("model", "config.yaml", "dataset.json")
+
+
+def run_problems(run: str, tracking_uri: str) -> list[str]:
+    """What is wrong with `run=` (alignment.validation, before any model is loaded): a folder must hold NEEDED,
+    a run id must be in the store with them among its artifacts."""
+    path = Path(run).expanduser()
+    if path.is_dir():
+        missing = [name for name in NEEDED if not (path / name).exists()]
+        return [f"run={run}: the folder lacks {missing}: evaluate a run trained with save_model=true"] if missing \
+            else []
+    try:
+        if not store_exists(tracking_uri):
+            raise ValueError("no store there yet")
+        client = mlflow.MlflowClient(tracking_uri)
+        client.get_run(run)
+    except (ValueError, mlflow.exceptions.MlflowException) as error:
+        return [f"run={run}: no such folder (working directory {os.getcwd()}) nor an MLflow run id in {tracking_uri} "
+                f"({error}); pass a run folder (runs/single/<date>/<time>_<run name>) or its MLflow run id"]
+    missing = [name for name in NEEDED if name not in {a.path for a in client.list_artifacts(run)}]
+    return [f"run={run}: the run's artifacts lack {missing}: evaluate a run trained with save_model=true"] if missing \
+        else []
+
+
 def locate_run(run: str, tracking_uri: str) -> tuple[Path, str | None]:
-    """A local run folder (with model/, config.yaml, dataset.json), and the MLflow run id if known.
-    Given a run id, its artifacts are downloaded from MLflow."""
+    """A local run folder (with NEEDED), and the MLflow run id if known. Given a run id, its artifacts are
+    downloaded from MLflow. `run` passed run_problems."""
     path = Path(run).expanduser()
     if path.is_dir():
         run_id_file = path / "mlflow_run_id"
         return path, run_id_file.read_text().strip() if run_id_file.exists() else None
-    try:
-        local = mlflow.artifacts.download_artifacts(run_id=run, tracking_uri=tracking_uri)
-    except mlflow.exceptions.MlflowException as error:
-        raise SystemExit(f"run={run!r} is neither a run folder nor a run id in {tracking_uri}: {error}") from error
-    return Path(local), run
+    return Path(mlflow.artifacts.download_artifacts(run_id=run, tracking_uri=tracking_uri)), run
 
 
 def pick_device(name: str):
@@ -51,10 +74,8 @@ def evaluate_run(cfg: DictConfig) -> list[dict]:
     from alignment.task import Task
     from alignment.train import TABLE_TITLE
 
+    validate(cfg)  # every option and the run, before any model is loaded
     folder, run_id = locate_run(str(cfg.run), cfg.logger.tracking_uri)
-    missing = [name for name in ("model", "config.yaml", "dataset.json") if not (folder / name).exists()]
-    if missing:
-        raise SystemExit(f"{folder} lacks {missing}: evaluate a run trained with save_model=true")
     trained = OmegaConf.load(folder / "config.yaml")
     meta = json.loads((folder / "dataset.json").read_text())
     task = Task.from_config(trained.task).as_trained(meta, trained.objective.tagging)
@@ -91,7 +112,8 @@ def evaluate_run(cfg: DictConfig) -> list[dict]:
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="evaluate")
 def main(cfg: DictConfig) -> None:
-    evaluate_run(cfg)
+    with user_errors():
+        evaluate_run(cfg)
 
 
 if __name__ == "__main__":

@@ -23,9 +23,15 @@ from pathlib import Path
 import torch
 
 from alignment.lifecycle import CHECKPOINT_DIR, LAST
+from alignment.validation import store_exists
 
 log = logging.getLogger(__name__)
 RUN_ID_FILE = "mlflow_run_id"
+
+
+#: What `resume=` takes, said with each error about it.
+WHAT_TO_PASS = ("pass the folder of a stopped run (runs/single/<date>/<time>_<run name>, the one holding "
+                f"{RUN_ID_FILE}) or its MLflow run id")
 
 
 def _looks_like_run_id(value: str) -> bool:
@@ -33,26 +39,58 @@ def _looks_like_run_id(value: str) -> bool:
 
 
 def run_folder(resume: str, tracking_uri: str) -> Path:
-    """The folder of `resume`: a run folder as given, or the `output_dir` tag of an MLflow run id."""
+    """The folder of `resume`: a run folder as given, or the `output_dir` tag of an MLflow run id. A bad value
+    raises ValueError naming the option, the value and what to pass."""
     path = Path(resume).expanduser()
     if path.is_dir() or not _looks_like_run_id(resume):
+        if not path.is_dir():
+            raise ValueError(f"resume={resume}: no such folder (working directory {os.getcwd()}) and not an MLflow "
+                             f"run id; {WHAT_TO_PASS}")
         if not (path / RUN_ID_FILE).is_file():
-            raise ValueError(f"resume={resume}: not a run folder (no {RUN_ID_FILE} in it) nor an MLflow run id")
+            raise ValueError(f"resume={resume}: not a run folder (it has no {RUN_ID_FILE}); {WHAT_TO_PASS}")
         return path.resolve()
+    if not store_exists(tracking_uri):  # asking MLflow would create an empty store
+        raise ValueError(f"resume={resume}: no MLflow run with this id in {tracking_uri} (no store there yet); "
+                         f"{WHAT_TO_PASS}")
     import mlflow
 
     try:
         tags = mlflow.MlflowClient(tracking_uri).get_run(resume).data.tags
     except mlflow.exceptions.MlflowException as error:
-        raise ValueError(f"resume={resume}: no such MLflow run in {tracking_uri} ({error})") from error
+        raise ValueError(f"resume={resume}: no MLflow run with this id in {tracking_uri} ({error}); "
+                         f"{WHAT_TO_PASS}") from error
     if "output_dir" not in tags or not Path(tags["output_dir"]).is_dir():
-        raise ValueError(f"resume={resume}: the run's folder {tags.get('output_dir')} is not on this machine")
+        raise ValueError(f"resume={resume}: the run's folder {tags.get('output_dir')} is not on this machine; "
+                         "pass that folder, copied here, instead of the run id")
     return Path(tags["output_dir"])
 
 
+def problems(resume, tracking_uri) -> list[str]:
+    """What is wrong with `resume=` (alignment.validation): the folder or run id must exist and hold a readable
+    checkpoint: resuming a run stopped before its first one would restart it and log steps it already has."""
+    if resume in (None, "", "null"):
+        return []
+    try:
+        folder = run_folder(str(resume), str(tracking_uri))
+    except ValueError as error:
+        return [str(error)]
+    if last_good_checkpoint(folder / CHECKPOINT_DIR) is None:
+        return [f"resume={resume}: {folder / CHECKPOINT_DIR} holds no readable checkpoint, nothing to go on from "
+                "(the run stopped before its first one, or ran without callbacks=default); run the command "
+                "without resume= to start anew"]
+    return []
+
+
 def resume_dir(resume, tracking_uri, default):
-    """OmegaConf resolver for hydra.run.dir: the resumed run's folder, or `default` for a new run."""
-    return default if resume in (None, "", "null") else str(run_folder(str(resume), str(tracking_uri)))
+    """OmegaConf resolver for hydra.run.dir: the resumed run's folder, or `default` for a new run. A bad value
+    gets `default` too: `validate` then stops the run with the reason, as for any other bad option (an error
+    raised here would come out of Hydra with a traceback)."""
+    if resume in (None, "", "null"):
+        return default
+    try:
+        return str(run_folder(str(resume), str(tracking_uri)))
+    except ValueError:
+        return default
 
 
 @dataclass

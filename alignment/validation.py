@@ -1,6 +1,7 @@
 """Every option checked before any work starts: types, ranges, choices, paths that must exist, the tracking server.
 
-`validate(cfg)` runs first in `alignment.train.run`, before anything is built, cached or logged, and raises one
+`validate(cfg)` runs first in `alignment.train.run` (and in `alignment.evaluate.evaluate_run`, on the evaluate
+command's options, before any model is read), before anything is built, cached or logged, and raises one
 `ConfigError` listing every problem found (option, bad value, what is allowed), so a typo costs a second instead of
 a training run and leaves no empty MLflow run or partial cache entry behind. The rules are a table of plain
 predicates rather than a structured-config schema: the configs hold `_target_`s, interpolations and optional groups
@@ -13,6 +14,8 @@ from __future__ import annotations
 import glob
 import os
 import socket
+import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -75,6 +78,15 @@ def number(low: float | None = None, high: float | None = None, open_low: bool =
 def choice(*options, nullable: bool = False) -> Rule:
     return Rule(lambda v: (nullable and v is None) or v in options,
                 "one of " + ", ".join(map(str, options)) + (" or null" if nullable else ""))
+
+
+def _is_device(name: str) -> bool:
+    import torch
+
+    try:
+        return name == "auto" or isinstance(torch.device(name), torch.device)
+    except (RuntimeError, ValueError):
+        return False
 
 
 BOOLEAN = Rule(lambda v: isinstance(v, bool), "true or false")
@@ -142,6 +154,10 @@ RULES: dict[str, Rule] = {
     "eval.curve.combinations": COMBINATIONS,
     "eval.seed": integer(0),
     "eval.reference.num_samples": integer(1),
+    # python -m alignment.evaluate (conf/evaluate.yaml); `run` itself is checked by alignment.evaluate.run_problems
+    "run": Rule(lambda v: isinstance(v, str) and v != "", "a run folder or an MLflow run id"),
+    "child_run": BOOLEAN,
+    "device": Rule(lambda v: isinstance(v, str) and _is_device(v), "auto or a torch device: cpu, cuda, cuda:1, mps"),
 }
 _ABSENT = object()
 
@@ -166,10 +182,14 @@ def validate(cfg: DictConfig, check_server: bool = True) -> None:
             problems.append(f"{key}={_show(value)}: must be {rule.allowed}")
     problems += _cross_checks(values)
     problems += _paths(cfg)
-    if not problems:  # the component checks assume the basic types are right
+    if not problems and "task" in cfg:  # the component checks assume the basic types are right
         problems += _components(cfg)
-    if check_server:
-        problems += _tracking_server(OmegaConf.select(cfg, "logger.tracking_uri", default=None))
+    if not problems and "run" in cfg:  # python -m alignment.evaluate: the run to evaluate
+        from alignment.evaluate import run_problems
+
+        problems += run_problems(str(cfg.run), str(cfg.logger.tracking_uri))
+    server = _tracking_server(OmegaConf.select(cfg, "logger.tracking_uri", default=None)) if check_server else []
+    problems += server or _resume(cfg)  # a run id is looked up on the server: only once it answers
     if problems:
         raise ConfigError(problems)
 
@@ -260,6 +280,36 @@ def _threshold_ok(spec) -> bool:
     return _is_number(spec)
 
 
+def _resume(cfg: DictConfig) -> list[str]:
+    """`resume=`: a run folder or MLflow run id with a checkpoint to go on from, in a single run."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    from alignment import resume
+
+    value = OmegaConf.select(cfg, "resume", default=None)
+    if value in (None, ""):
+        return []
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        return [f"resume={value}: resumes one run, not a sweep (-m): run the stopped job's command alone with it "
+                "(a job SLURM requeued resumes by itself)"]
+    return resume.problems(value, OmegaConf.select(cfg, "logger.tracking_uri", default=""))
+
+
+def store_exists(tracking_uri: str) -> bool:
+    """False for a local store that does not exist yet (a sqlite file, a file:// folder): asking MLflow about a run
+    there would create an empty store. A server must answer (ValueError naming it otherwise): MLflow's client
+    would retry for minutes."""
+    parsed = urlparse(tracking_uri)
+    if parsed.scheme == "sqlite":
+        return Path(tracking_uri[len("sqlite:///"):]).is_file()
+    if parsed.scheme in ("", "file"):
+        return Path(parsed.path).is_dir()
+    if problems := _tracking_server(tracking_uri):
+        raise ValueError(problems[0])
+    return True
+
+
 def _tracking_server(uri: str | None) -> list[str]:
     """A tracking server must answer within SERVER_TIMEOUT seconds (a TCP connection to it: MLflow's client would
     retry for minutes without a word before failing)."""
@@ -273,3 +323,20 @@ def _tracking_server(uri: str | None) -> list[str]:
     except OSError as error:
         return [f"logger.tracking_uri={uri}: the MLflow tracking server does not answer within {SERVER_TIMEOUT:g} s "
                 f"({error}); start it, or unset MLFLOW_TRACKING_URI to use the local store"]
+
+
+@contextmanager
+def user_errors():
+    """Around a command's work: a ConfigError ends the process with its message alone and exit code 2 (a traceback
+    would bury it). In a sweep Hydra reports the failed job itself (and ends the sweep's parent run);
+    HYDRA_FULL_ERROR=1 shows the traceback anyway."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    try:
+        yield
+    except ConfigError as error:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1" or HydraConfig.get().mode == RunMode.MULTIRUN:
+            raise
+        print(f"Error: {error}", file=sys.stderr)
+        sys.exit(2)

@@ -1,12 +1,18 @@
 """`python -m alignment.evaluate`: re-evaluate a saved run with another eval config, without retraining."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import mlflow
 import pytest
 import torch
 
+from alignment import PROJECT_ROOT
 from alignment.evaluate import evaluate_run, pick_device
 from alignment.train import run
+from alignment.validation import ConfigError
 from tests.conftest import compose_config
 
 SMALL_EVAL = ["eval.num_samples=3", "eval.sampling.max_new_tokens=6", "eval.sampling.min_new_tokens=2"]
@@ -48,10 +54,61 @@ def test_by_mlflow_run_id_into_the_same_run(trained, tmp_path):
     assert "eval/nontoxic-pos/g3/joint/misaligned" in metrics
 
 
-def test_unknown_run_is_a_clear_error(runs_dir, tmp_path):
-    ecfg = compose_config(["run=not-a-run"], tmp_path / "eval", config_name="evaluate")
-    with pytest.raises(SystemExit, match="neither a run folder nor a run id"):
+EVALUATE_BAD_INPUTS = [  # (overrides, the one problem named), all caught before any model is loaded
+    (["eval.sampling.top_p=0"], "eval.sampling.top_p=0: must be a number in (0, 1]"),
+    (["eval.mode=promptd"], "eval.mode='promptd': must be one of unconditional, prompted"),
+    (["eval.guidance_scales=[abc]"],
+     "eval.guidance_scales=['abc']: must be a non-empty list of numbers, e.g. [1.0, 2.0]"),
+    (["eval.sampling.min_new_tokens=10", "eval.sampling.max_new_tokens=4"],
+     "eval.sampling.min_new_tokens=10: must be <= eval.sampling.max_new_tokens=4"),
+    (["child_run=maybe"], "child_run='maybe': must be true or false"),
+    (["device=gpu0"], "device='gpu0': must be auto or a torch device: cpu, cuda, cuda:1, mps"),
+    (["eval.reference.path=./no/such/model"],
+     f"eval.reference.path=./no/such/model: the folder does not exist (working directory {os.getcwd()})"),
+]
+
+
+@pytest.mark.parametrize(("overrides", "expected"), EVALUATE_BAD_INPUTS,
+                         ids=[" ".join(o) for o, _ in EVALUATE_BAD_INPUTS])
+def test_a_bad_option_stops_the_evaluation_before_the_model_is_read(runs_dir, tmp_path, overrides, expected):
+    # The run folder is empty but for an unreadable model: reading it would fail otherwise.
+    folder = tmp_path / "trained"
+    (folder / "model").mkdir(parents=True)
+    for name in ("config.yaml", "dataset.json", "model/model.safetensors"):
+        (folder / name).write_text("not read")
+    store = tmp_path / "mlflow.db"
+    ecfg = compose_config([f"run={folder}", f"logger.tracking_uri=sqlite:///{store}", *overrides], tmp_path / "eval",
+                          config_name="evaluate")
+    with pytest.raises(ConfigError) as error:
         evaluate_run(ecfg)
+    assert error.value.problems == [expected]
+    assert not store.exists() and sorted(p.name for p in (tmp_path / "eval").iterdir()) == []
+
+
+def test_an_unknown_run_is_a_clear_error(runs_dir, tmp_path):
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    ecfg = compose_config(["run=not-a-run", f"logger.tracking_uri={store}"], tmp_path / "eval", config_name="evaluate")
+    with pytest.raises(ConfigError) as error:
+        evaluate_run(ecfg)
+    assert error.value.problems == [
+        f"run=not-a-run: no such folder (working directory {os.getcwd()}) nor an MLflow run id in {store} (no store "
+        "there yet); pass a run folder (runs/single/<date>/<time>_<run name>) or its MLflow run id"]
+    assert not (tmp_path / "mlflow.db").exists()
+    ecfg = compose_config([f"logger.tracking_uri={store}"], tmp_path / "eval", config_name="evaluate")
+    with pytest.raises(ConfigError, match=r"run is required \(it is \?\?\?\): a run folder or an MLflow run id"):
+        evaluate_run(ecfg)
+
+
+def test_the_evaluate_command_prints_the_message_without_a_traceback(tmp_path):
+    env = dict(os.environ, ALIGNMENT_RUNS_DIR=str(tmp_path), PYTHONPATH=str(PROJECT_ROOT))
+    env.pop("HYDRA_FULL_ERROR", None)
+    env.pop("MLFLOW_TRACKING_URI", None)
+    done = subprocess.run([sys.executable, "-m", "alignment.evaluate", f"run={tmp_path}", "eval.mode=promptd"],
+                          env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert done.stderr.splitlines()[:2] == ["Error: Invalid configuration, nothing was run:",
+                                            "  eval.mode='promptd': must be one of unconditional, prompted"]
+    assert "Traceback" not in done.stderr and not (tmp_path / "mlflow.db").exists()
 
 
 def test_failed_evaluation_marks_the_run_failed_and_a_run_without_model_is_not_reevaluated(tiny_config, tmp_path):
@@ -66,8 +123,10 @@ def test_failed_evaluation_marks_the_run_failed_and_a_run_without_model_is_not_r
     assert not any(key.startswith("eval/") for key in mlrun.data.metrics)
     # Its folder has the config and the dataset but no model: re-evaluating it says why it cannot.
     ecfg = compose_config([f"run={folder}", *SMALL_EVAL], tmp_path / "eval", config_name="evaluate")
-    with pytest.raises(SystemExit, match=r"lacks \['model'\]: evaluate a run trained with save_model=true"):
+    with pytest.raises(ConfigError) as error:
         evaluate_run(ecfg)
+    assert error.value.problems == [f"run={folder}: the folder lacks ['model']: evaluate a run trained with "
+                                    "save_model=true"]
 
 
 def test_the_device_is_the_gpu_when_there_is_one():

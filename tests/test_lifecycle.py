@@ -142,3 +142,33 @@ def test_sigterm_saves_a_checkpoint_ends_killed_and_the_resumed_run_finishes(tmp
     mlrun = the_run(runs, folder)
     assert mlrun.info.status == "FINISHED" and "failure" not in mlrun.data.tags
     assert torch.load(folder / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 24
+
+
+@pytest.mark.slow
+def test_three_runs_at_once_share_one_sqlite_store(tmp_path, runs_dir):
+    """Three runs of one command (seeds apart) started together against one sqlite store, as from three terminals
+    or a job array without a server: each gets a folder of its own, ends FINISHED with every metric point, and no
+    write failed on sqlite's lock. The store and its experiment exist already, as after a first run: this is about
+    writing at once, not about creating a new store at once (a race of its own, in MLflow's table migration)."""
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    mlflow.MlflowClient(f"sqlite:///{runs}/mlflow.db").create_experiment(
+        "alignment", artifact_location=str(runs / "mlartifacts"))
+    args = [*TINY, "task=tox", "save_model=false", "evaluate=false", "eval.curve.every_n_steps=0",
+            f"paths.cache_dir={runs_dir / 'cache'}"]
+    procs = [start([*args, f"seed={seed}"], runs) for seed in (1, 2, 3)]
+    for code, output in [finish(proc) for proc in procs]:
+        assert code == 0, output[-4000:]
+        assert "database is locked" not in output and "OperationalError" not in output, output[-4000:]
+    folders = sorted((runs / "single").glob("*/*"))
+    assert len(folders) == 3 and all(f.name.endswith("_tox-conditional") for f in folders)
+    client = mlflow.MlflowClient(f"sqlite:///{runs}/mlflow.db")
+    seeds = []
+    for folder in folders:
+        assert "database is locked" not in (folder / "alignment.log").read_text()
+        mlrun = the_run(runs, folder)
+        assert mlrun.info.status == "FINISHED" and "val/loss" in mlrun.data.metrics
+        steps = [m.step for m in client.get_metric_history(mlrun.info.run_id, "train/loss")]
+        assert sorted(steps) == list(range(6))  # TINY: 6 steps, each logged (log_every_n_steps=1)
+        seeds.append(mlrun.data.tags["seed"])
+    assert sorted(seeds) == ["1", "2", "3"]
