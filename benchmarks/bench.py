@@ -230,11 +230,12 @@ def left_padded(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, to
 @torch.no_grad()
 def generate_hf(model, prompts: list[list[int]], *, eos_id: int, pad_id: int, new_tokens: int, temperature: float,
                 top_p: float = 1.0, blocked_ids: Sequence[int] = (), guidance_scale: float = 1.0,
-                uncond_prompts: list[list[int]] | None = None) -> list[list[int]]:
-    """What a user would call instead of `sample`: Hugging Face's `generate`, one batch, exactly `new_tokens` tokens
-    per prompt (min = max length), control tokens blocked with `bad_words_ids`, and with `guidance_scale` != 1 its own
-    classifier-free guidance (`negative_prompt_ids`: one more forward pass per step for the unconditioned prompts).
-    temperature 0 means greedy."""
+                uncond_prompts: list[list[int]] | None = None, min_new_tokens: int | None = None) -> list[list[int]]:
+    """What a user would call instead of `sample`: Hugging Face's `generate`, one batch, at most `new_tokens` tokens
+    per prompt and at least `min_new_tokens` (default: exactly `new_tokens`), control tokens blocked with
+    `bad_words_ids`, and with `guidance_scale` != 1 its own classifier-free guidance (`negative_prompt_ids`: one more
+    forward pass per step for the unconditioned prompts). temperature 0 means greedy. Like `sample`, returns only
+    the generated ids, cut before EOS (generate pads a finished row until the whole batch has finished)."""
     model.eval()
     ids, mask = left_padded(prompts, pad_id)
     options = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if temperature else \
@@ -245,9 +246,25 @@ def generate_hf(model, prompts: list[list[int]], *, eos_id: int, pad_id: int, ne
                        negative_prompt_attention_mask=negative_mask)
     if blocked_ids:
         options["bad_words_ids"] = [[token] for token in blocked_ids]
-    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens,
+                         min_new_tokens=new_tokens if min_new_tokens is None else min_new_tokens,
                          pad_token_id=pad_id, eos_token_id=eos_id, **options)
-    return out[:, ids.shape[1]:].tolist()
+    return [row[:row.index(eos_id)] if eos_id in row else row for row in out[:, ids.shape[1]:].tolist()]
+
+
+def with_eos_bias(model: torch.nn.Module, eos_id: int, mean_length: float, temperature: float) -> torch.nn.Module:
+    """A copy of an untrained model whose samples end after about `mean_length` tokens, as a trained model's do.
+
+    An untrained model's next-token distribution is nearly uniform over its V tokens, so EOS would come once in
+    ~V steps and no sample would end. A bias b on EOS's logit makes its probability at temperature T about
+    e^(b/T) / (e^(b/T) + V); b = T ln(V / (L - 1)) sets it to 1/L, the stopping rate of lengths averaging L.
+    """
+    biased = copy.deepcopy(model)
+    vocab = biased.config.vocab_size
+    bias = torch.zeros(vocab)
+    bias[eos_id] = temperature * np.log(vocab / (mean_length - 1))
+    biased.lm_head.bias = torch.nn.Parameter(bias)  # GPT-2's output layer has no bias of its own (tied weights)
+    return biased.eval()
 
 
 def padding_share(lengths: np.ndarray, batches: Sequence[np.ndarray]) -> float:
@@ -392,10 +409,41 @@ def bench_generate(assets: Assets) -> tuple[list[Row], list[str]]:
         rows.append(Row(f"{name}: A HF {what}", a, b, "tokens/s",
                         f"T {drawn['temperature']}, top-p {drawn['top_p']}, control tokens blocked, {len(prompts)} "
                         f"prompts x {n} tokens{f', g = {g:g}' if guidance != 1.0 else ''}; target >= 1.5"))
+    row, note = _sampling_to_eos(assets, model, prompts, shared, drawn)
+    rows.append(row)
     greedy_ours, greedy_theirs = ours(temperature=0), theirs(temperature=0)
     same = np.mean([x == y for xs, ys in zip(greedy_ours, greedy_theirs) for x, y in zip(xs, ys)])
-    return rows, [f"generate: greedy decoding gave the same token as the project's sampler at {same:.1%} of "
-                  f"{tokens(greedy_ours)} positions"]
+    return rows, [note, f"generate: greedy decoding gave the same token as the project's sampler at {same:.1%} of "
+                        f"{tokens(greedy_ours)} positions"]
+
+
+def _sampling_to_eos(assets: Assets, model, prompts, shared, drawn) -> tuple[Row, str]:
+    """What the evaluation does: sample until EOS (after the evaluation's minimum), at most new_tokens. generate
+    keeps stepping every row until the last one has ended; `sample` drops a row from the batch when it ends. The
+    model's EOS is raised so that samples end after about a corpus sentence's length (see `with_eos_bias`)."""
+    n = assets.sizes.new_tokens
+    least = min(SAMPLING.min_new_tokens, n)
+    sentence = float(assets.bpe_lengths.mean()) - 2  # without its two EOS
+    ending = with_eos_bias(model, shared["eos_id"], sentence, drawn["temperature"])
+    lengths = {}
+
+    def measure(side, generator):
+        def run():
+            outputs = generator(ending, prompts, **shared, **drawn)
+            lengths[side] = [len(output) for output in outputs]
+            return sum(lengths[side])
+        return lambda: rate(run)
+
+    a, b = interleaved(measure("A", lambda *args, **kw: generate_hf(*args, new_tokens=n, min_new_tokens=least, **kw)),
+                       measure("B", lambda *args, **kw: sample(*args, max_new_tokens=n, min_new_tokens=least,
+                                                               batch_size=len(prompts), **kw)), assets.sizes.repeats)
+    row = Row("sampling to EOS: A HF generate, B project sampler", a, b, "tokens/s",
+              f"as the evaluation samples: until EOS, {least} to {n} tokens, T {drawn['temperature']}, top-p "
+              f"{drawn['top_p']}, {len(prompts)} prompts, EOS raised for ~{sentence:.0f}-token samples")
+    note = (f"sampling to EOS: the last samples were {np.mean(lengths['A']):.1f} (generate) and "
+            f"{np.mean(lengths['B']):.1f} (sample) tokens long on average, the longest {max(lengths['A'])} and "
+            f"{max(lengths['B'])}")
+    return row, note
 
 
 def bench_precision(assets: Assets) -> tuple[list[Row], list[str]]:

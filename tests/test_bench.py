@@ -25,6 +25,7 @@ from benchmarks.bench import (
     padding_share,
     peak_rss_growth_mib,
     random_batches,
+    with_eos_bias,
 )
 
 ACCELERATE = importlib.util.find_spec("accelerate") is not None  # transformers.Trainer's; dev installs it
@@ -33,6 +34,7 @@ EXPECTED_ROWS = [  # (start of the name, unit), in the printed order
     ("sampling", "tokens/s"),
     ("sampling", "tokens/s"),  # generate
     ("guided sampling", "tokens/s"),
+    ("sampling to EOS", "tokens/s"),  # generate steps every row until the last ends, sample drops ended rows
     ("train step", "tokens/s"),
     ("padding", "pad share"),
     ("batching", "real tok/s"),
@@ -144,6 +146,31 @@ def test_greedy_sample_equals_generate_token_for_token():
     free = sample(model, prompts, eos_id=0, pad_id=39, max_new_tokens=12, min_new_tokens=12, temperature=0)
     assert free == generate_hf(model, prompts, eos_id=0, pad_id=39, new_tokens=12, temperature=0)
     assert any(set(blocked) & set(tokens) for tokens in free)
+
+
+def test_eos_bias_makes_samples_end_after_the_given_mean_length():
+    config = GPT2Config(vocab_size=40, n_positions=16, n_layer=1, n_embd=8, n_head=2)
+    model = GPT2LMHeadModel(config).eval()
+    with torch.no_grad():
+        model.transformer.wte.weight.zero_()  # the (tied) output layer too: every logit is 0, as near-uniform
+    biased = with_eos_bias(model, eos_id=0, mean_length=5, temperature=2.0)
+    with torch.no_grad():
+        logits = biased(torch.tensor([[3, 4]])).logits[0, -1]
+    # b = 2 ln(40 / 4): at temperature 2, EOS weighs e^(b/2) = 10 against 39 other tokens of weight 1.
+    assert float((logits / 2.0).softmax(-1)[0]) == pytest.approx(10 / 49, rel=1e-5)
+    assert model.lm_head.bias is None  # the original model is left as it was
+
+
+def test_generate_hf_cuts_at_eos_as_sample_does():
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=40, n_positions=64, n_layer=2, n_embd=16, n_head=2, initializer_range=0.3)
+    model = with_eos_bias(GPT2LMHeadModel(config), eos_id=0, mean_length=3, temperature=1.0)
+    prompts = [[0, 5, 6, 7], [0], [0, 9, 9, 3, 12, 30, 2]]
+    ours = sample(model, prompts, eos_id=0, pad_id=39, max_new_tokens=12, min_new_tokens=2, temperature=0)
+    theirs = generate_hf(model, prompts, eos_id=0, pad_id=39, new_tokens=12, min_new_tokens=2, temperature=0)
+    assert ours == theirs
+    assert all(len(tokens) >= 2 and 0 not in tokens for tokens in ours)
+    assert any(len(tokens) < 12 for tokens in ours)  # some rows did end before the others
 
 
 def test_row_ratio_and_table_format():

@@ -3,7 +3,7 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from alignment.evaluation.sampling import _ngram_completions, sample
+from alignment.evaluation.sampling import _ngram_completions, _prompt_uniforms, _sorted_descending, sample
 
 VOCAB, EOS, PAD = 32, 0, 31
 PROMPTS = [[3, 4, 5], [7], [9, 10, 11, 12, 13, 14], [2, 8], [20, 21, 22, 23]]
@@ -213,15 +213,15 @@ def test_restores_training_mode_and_checks_arguments():
         run(model, [[1], []])
 
 
-def test_nucleus_from_candidates_equals_the_full_sort():
-    """Rows whose top candidates hold top_p use only them; flat rows fall back to a full sort: same nucleus."""
-    from alignment.evaluation.sampling import NUCLEUS_CANDIDATES, _nucleus
+def test_nucleus_equals_the_full_sort():
+    """Peaked and nearly flat rows: the most likely tokens up to top_p of the mass, as a full sort has them."""
+    from alignment.evaluation.sampling import _nucleus
 
     torch.manual_seed(0)
-    vocab = 4 * NUCLEUS_CANDIDATES
+    vocab = 1024
     logits = torch.randn(4, vocab)
     logits[0] *= 20  # peaked: the nucleus is a few tokens
-    logits[1] *= 0.01  # nearly flat: the nucleus is wider than the candidates
+    logits[1] *= 0.01  # nearly flat: the nucleus is most of the vocabulary
     probs = logits.softmax(-1)
     for top_p in (0.5, 0.9):
         kept, order = _nucleus(probs, top_p)
@@ -232,4 +232,22 @@ def test_nucleus_from_candidates_equals_the_full_sort():
             want = dict(zip(full_order[row].tolist(), expected[row].tolist()))
             assert {t for t, p in got.items() if p > 0} == {t for t, p in want.items() if p > 0}
             assert sum(got.values()) == pytest.approx(sum(want.values()), rel=1e-5)
-    assert (_nucleus(probs, 0.9)[0][1] > 0).sum() > NUCLEUS_CANDIDATES  # the fallback really ran
+    assert (_nucleus(probs, 0.9)[0][1] > 0).sum() > vocab // 2  # the flat row's nucleus is wide
+
+
+def test_sorted_descending_by_hand():
+    probs = torch.tensor([[0.1, 0.4, 0.1, 0.4, 0.0], [0.0, 0.0, 1.0, 0.0, 0.0], [-0.0, 0.5, 0.0, 0.25, 0.25]])
+    values, order = _sorted_descending(probs)
+    # Largest first; equal probabilities in token order (so a seeded draw does not depend on the sort's whims).
+    assert order.tolist() == [[1, 3, 0, 2, 4], [2, 0, 1, 3, 4], [1, 3, 4, 0, 2]]
+    assert torch.equal(values, torch.tensor([[0.4, 0.4, 0.1, 0.1, 0.0], [1.0, 0.0, 0.0, 0.0, 0.0],
+                                             [0.5, 0.25, 0.25, 0.0, 0.0]]))
+    assert values.dtype == torch.float32 and order.dtype == torch.long
+
+
+def test_prompt_uniforms_do_not_depend_on_how_many_are_drawn():
+    uniforms = _prompt_uniforms(seed=3, index=2, steps=20)
+    assert uniforms.shape == (20,) and ((0 <= uniforms) & (uniforms < 1)).all()
+    # A batch draws max_new_tokens of them: a longer run of the same stream starts with the same numbers.
+    assert torch.equal(_prompt_uniforms(seed=3, index=2, steps=64)[:20], uniforms)
+    assert not torch.equal(_prompt_uniforms(seed=2, index=3, steps=20), uniforms)  # (seed, index) mixed, not added
