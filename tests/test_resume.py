@@ -11,11 +11,14 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import read_write
 
 from alignment import CONF_DIR, PROJECT_ROOT
 from alignment.resume import problems
 from alignment.train import run
-from alignment.validation import ConfigError
+from alignment.validation import ConfigError, validate
 
 WHAT = "pass the folder of a stopped run (runs/single/<date>/<time>_<run name>, the one holding mlflow_run_id) or " \
        "its MLflow run id"
@@ -96,6 +99,18 @@ def test_resume_from_an_unknown_mlflow_run_id(tiny_config, tmp_path):
     bad_resume(tiny_config, tmp_path, unknown,
                f"resume={unknown}: no MLflow run with this id in {store} (Run with id={unknown} not found); " + WHAT)
     assert client.search_runs([experiment]) == []  # no run left behind
+
+
+def test_resume_in_a_sweep_is_refused(tiny_config, tmp_path):
+    # Each job of a sweep has a folder of its own: one resume= cannot name them all.
+    cfg = tiny_config(f"resume={tmp_path}")
+    hydra_node = HydraConfig.instance().cfg.hydra
+    with read_write(hydra_node):
+        hydra_node.mode = RunMode.MULTIRUN
+    with pytest.raises(ConfigError) as error:
+        validate(cfg, check_server=False)
+    assert error.value.problems == [f"resume={tmp_path}: resumes one run, not a sweep (-m): run the stopped job's "
+                                    "command alone with it (a job SLURM requeued resumes by itself)"]
 
 
 def test_the_command_line_names_a_bad_resume_without_a_traceback(tmp_path):
