@@ -82,7 +82,10 @@ def _sample_batch(model, prompts, uncond_prompts, first_index, rules, pad_id, ma
     # (the same numbers: a generator's stream does not depend on how it is cut into calls).
     uniforms = torch.stack([_prompt_uniforms(seed, first_index + row, max_new_tokens) for row in range(n)])
     # Only the last position's logits are needed; a 50k vocabulary over a whole prompt batch is costly.
-    extra = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+    parameters = inspect.signature(model.forward).parameters
+    extra = {"logits_to_keep": 1} if "logits_to_keep" in parameters else {}
+    # transformers 5 renamed past_key_values to cache (the old name warns at every step and goes in 5.40).
+    cache_name = "cache" if "cache" in parameters else "past_key_values"
     generated = [[] for _ in range(n)]
     # What the n-gram ban looks at besides the generated tokens: the prompt (without its leading EOS) or nothing.
     history = [p[1:] if p[0] == rules.eos_id else list(p) for p in prompts] if rules.no_repeat_ngram_prompt \
@@ -90,9 +93,9 @@ def _sample_batch(model, prompts, uncond_prompts, first_index, rules, pad_id, ma
     alive = list(range(n))  # prompts still generating, in the order of the batch's (first-stream) rows
     cache = None
     for step in range(max_new_tokens):
-        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                    use_cache=True, **extra)
-        cache = out.past_key_values
+        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                    **{cache_name: cache}, **extra)
+        cache = out[cache_name]
         logprobs = out.logits[:, -1].float().log_softmax(-1)
         if uncond_prompts:
             cond, uncond = logprobs[: len(alive)], logprobs[len(alive):]
