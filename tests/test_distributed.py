@@ -101,7 +101,7 @@ def test_ddp_run_trains_on_two_processes_and_tracks_once(tmp_path, cache_dir):
     output = run_alignment(["trainer=ddp_cpu", *TINY, f"paths.cache_dir={cache_dir}", *PROBE], runs, timeout=240)
 
     # One Hydra run folder: rank 1 ran inside rank 0's (its log is there), not in one of its own.
-    assert sorted(p.name for p in runs.iterdir()) == ["mlartifacts", "mlflow.db", "single"]
+    assert sorted(p.name for p in runs.iterdir()) == ["mlartifacts", "mlflow.db", "mlflow.db.lock", "single"]
     (job_dir,) = (runs / "single").glob("*/*")
     assert job_dir.name.endswith("_toxsen-conditional")
     assert (job_dir / "train_ddp_process_1.log").exists() and (job_dir / ".hydra" / "config.yaml").exists()
@@ -143,7 +143,8 @@ def test_ddp_jobs_in_a_sweep_awr_value_head(tmp_path, cache_dir):
     output = run_alignment(["-m", "trainer=ddp_cpu", "task=toxicity", "objective=awr,rwr", *TINY,
                             f"paths.cache_dir={cache_dir}", "save_model=false", *PROBE], runs, timeout=300)
 
-    assert sorted(p.name for p in runs.iterdir()) == ["mlartifacts", "mlflow.db", "multi"]  # no runs/single
+    # no runs/single
+    assert sorted(p.name for p in runs.iterdir()) == ["mlartifacts", "mlflow.db", "mlflow.db.lock", "multi"]
     (sweep_dir,) = (runs / "multi").glob("*/*")
     jobs = sorted(p.name for p in sweep_dir.iterdir() if p.is_dir() and p.name != "report")
     assert jobs == ["0_toxicity-awr", "1_toxicity-rwr"]
