@@ -8,12 +8,12 @@ LM loss on the tagged validation text (`val/loss`) and on the same text untagged
 from __future__ import annotations
 
 import logging
-import math
 from typing import Callable
 
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
+from transformers import get_scheduler
 
 from alignment.model import count_parameters
 from alignment.objectives import IGNORE_INDEX, Objective
@@ -21,25 +21,14 @@ from alignment.objectives import IGNORE_INDEX, Objective
 log = logging.getLogger(__name__)
 
 
-def warmup_then_decay(optimizer, total_steps: int, warmup_steps: int = 100, decay: str = "cosine",
-                      min_ratio: float = 0.0):
-    """Linear warmup, then cosine or linear decay to min_ratio x lr (the studies' schedules), per step.
-
-    Not transformers' `get_scheduler`: its warmup starts at lr 0 (step / warmup, here (step + 1) / warmup) and its
-    linear decay has no floor, so every run's learning rates, and numbers, would change."""
-    if decay not in ("cosine", "linear", "constant"):
-        raise ValueError(f"scheduler decay must be cosine, linear or constant, got {decay!r}")
-    warmup_steps = min(warmup_steps, max(total_steps // 10, 1))  # a tiny run must still leave warmup
-
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-        if decay == "cosine":
-            return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-        return 1.0 if decay == "constant" else min_ratio + (1 - min_ratio) * (1 - progress)
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+def warmup_then_decay(optimizer, total_steps: int, name: str = "cosine_with_min_lr", warmup_steps: int = 100,
+                      **schedule_kwargs):
+    """transformers' schedule `name` (`get_scheduler`: linear, cosine, cosine_with_min_lr, constant_with_warmup, ...)
+    over the run's optimizer steps, stepped once per step. `schedule_kwargs` go to it as they are (cosine_with_min_lr:
+    `min_lr_rate`; null ones are left out). The warmup is capped at a tenth of the run, so a tiny run still leaves it."""
+    schedule_kwargs = {k: v for k, v in schedule_kwargs.items() if v is not None}
+    return get_scheduler(name, optimizer, num_warmup_steps=min(warmup_steps, max(total_steps // 10, 1)),
+                         num_training_steps=total_steps, scheduler_specific_kwargs=schedule_kwargs or None)
 
 
 class AlignmentModule(pl.LightningModule):

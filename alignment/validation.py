@@ -30,6 +30,11 @@ SERVER_TIMEOUT = 5.0
 PRECISIONS = ("32-true", "16-mixed", "bf16-mixed", "16-true", "bf16-true", "64-true", "transformer-engine",
               "transformer-engine-float16")
 ACCELERATORS = ("cpu", "gpu", "cuda", "mps", "tpu", "auto")
+#: transformers.get_scheduler's schedules that need nothing but the warmup and the run's length (SchedulerType
+#: without reduce_lr_on_plateau and greedy); tests/test_schedule.py keeps it equal to transformers' list.
+SCHEDULES = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+             "inverse_sqrt", "cosine_with_min_lr", "cosine_warmup_with_min_lr", "warmup_stable_decay")
+WITH_MIN_LR_RATE = ("cosine_with_min_lr", "cosine_warmup_with_min_lr")
 
 
 class ConfigError(ValueError):
@@ -119,7 +124,8 @@ RULES: dict[str, Rule] = {
     "module.optimizer.lr": number(0, open_low=True),
     "module.optimizer.weight_decay": number(0),
     "module.scheduler.warmup_steps": integer(0),
-    "module.scheduler.decay": choice("cosine", "linear", "constant"),
+    "module.scheduler.name": choice(*SCHEDULES),
+    "module.scheduler.min_lr_rate": number(0, 1, nullable=True),
     "data.val_fraction": number(0, 1, open_low=True, open_high=True),
     "data.max_tokens": integer(1, nullable=True),
     "data.block_size": integer(2),
@@ -212,6 +218,10 @@ def _cross_checks(values: dict) -> list[str]:
     if values.get("trainer.max_steps") == -1 and values.get("trainer.max_epochs") in (-1, None):
         problems.append("trainer.max_steps=-1 with trainer.max_epochs=-1/null: the run would never end; "
                         "set one of them")
+    name, floor = values.get("module.scheduler.name"), values.get("module.scheduler.min_lr_rate")
+    if floor is not None and name in SCHEDULES and name not in WITH_MIN_LR_RATE:
+        problems.append(f"module.scheduler.min_lr_rate={floor}: a floor only {' and '.join(WITH_MIN_LR_RATE)} take; "
+                        f"with module.scheduler.name={name} set module.scheduler.min_lr_rate=null")
     return problems
 
 

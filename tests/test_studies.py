@@ -65,8 +65,8 @@ def test_study_a_thresholds_and_shared_settings(runs_dir, tmp_path, task, condit
     assert list(attribute.thresholds) == [conditional] and cfg.objective.filter_threshold == filtering
     assert attribute.untagged_fraction == (0.1 if task == "pep8" else 0.01)  # study A's drop_token_fraction
     assert cfg.trainer.max_epochs == -1  # loop over a filtered (shorter) corpus until max_steps, as study A did
-    assert list(cfg.module.optimizer.betas) == [0.9, 0.999] and cfg.module.scheduler.decay == "linear"
-    assert cfg.module.optimizer.weight_decay == 0.1 and cfg.module.scheduler.min_ratio == 0.0
+    assert list(cfg.module.optimizer.betas) == [0.9, 0.999] and cfg.module.scheduler.name == "linear"
+    assert cfg.module.optimizer.weight_decay == 0.1 and cfg.module.scheduler.min_lr_rate is None
     assert cfg.task.eval_unit == "sample"  # study A's metrics are over whole samples
     assert cfg.data.sentences.dedupe is False and cfg.data.layout == "packed" and cfg.data.source.fraction == 1.0
     assert cfg.data.joiner == "" and cfg.data.sentences.min_words == 0  # segments as they were, blanks included
@@ -116,7 +116,7 @@ def test_the_projects_own_awr_keeps_the_detached_value_head(runs_dir, tmp_path):
 def test_study_b_optimiser_and_evaluation(runs_dir, tmp_path):
     cfg = compose(tmp_path, "experiment=study_b")
     assert list(cfg.module.optimizer.betas) == [0.9, 0.999] and cfg.module.optimizer.lr == 5e-4
-    assert cfg.module.optimizer.weight_decay == 0.1 and cfg.module.scheduler.min_ratio == 0.0
+    assert cfg.module.optimizer.weight_decay == 0.1 and cfg.module.scheduler.name == "cosine"
     assert effective_batch(cfg) == 512
     assert (cfg.eval.prompt_words, cfg.eval.prompt_max_words, cfg.eval.prompt_pool) == (None, 17, 1000)
     assert list(cfg.eval.prompt_balance) == ["toxicity", "sentiment"] and cfg.eval.num_samples == 400

@@ -57,20 +57,20 @@ def test_sweep_parent_run_follows_the_jobs_store(runs_dir):  # runs_dir: paths r
 
 @pytest.mark.slow
 def test_a_failing_job_fails_the_sweep_and_its_own_run(tmp_path, runs_dir):
-    """Job 0 trains; job 1 asks for an unknown decay of the learning rate, which the validation refuses before the
+    """Job 0 trains; job 1 asks for an unknown learning-rate schedule, which the validation refuses before the
     job creates its MLflow run. Hydra stops the sweep there without calling on_multirun_end: the parent must not stay
     RUNNING."""
     runs = tmp_path / "runs"
-    output = run_alignment(["-m", "module.scheduler.decay=cosine,exponential", "task=tox", *TINY, "save_model=false",
+    output = run_alignment(["-m", "module.scheduler.name=cosine,exponential", "task=tox", *TINY, "save_model=false",
                             f"paths.cache_dir={runs_dir / 'cache'}"], runs, timeout=240, succeed=False)
-    assert "module.scheduler.decay='exponential': must be one of cosine, linear, constant" in output
+    assert "module.scheduler.name='exponential': must be one of linear, cosine, cosine_with_restarts" in output
     (sweep_dir,) = (runs / "multi").glob("*/*")
     client = mlflow.MlflowClient(f"sqlite:///{runs}/mlflow.db")
     mlruns = client.search_runs([client.get_experiment_by_name("alignment").experiment_id])
     (parent,) = [r for r in mlruns if "mlflow.parentRunId" not in r.data.tags]
     assert parent.info.run_id == (sweep_dir / PARENT_FILE).read_text()
     assert parent.info.status == "FAILED" and parent.info.end_time is not None
-    assert parent.data.tags["sweep.overrides"].startswith("module.scheduler.decay=cosine,exponential task=tox")
+    assert parent.data.tags["sweep.overrides"].startswith("module.scheduler.name=cosine,exponential task=tox")
     jobs = {r.data.tags["sweep.job"]: r for r in mlruns if r is not parent}
     assert sorted(jobs) == ["0"]  # job 1 left no run behind
     assert jobs["0"].data.tags["mlflow.parentRunId"] == parent.info.run_id
