@@ -23,9 +23,9 @@ log = logging.getLogger(__name__)
 
 def warmup_then_decay(optimizer, total_steps: int, name: str = "cosine_with_min_lr", warmup_steps: int = 100,
                       **schedule_kwargs):
-    """transformers' schedule `name` (`get_scheduler`: linear, cosine, cosine_with_min_lr, constant_with_warmup, ...)
-    over the run's optimizer steps, stepped once per step. `schedule_kwargs` go to it as they are (cosine_with_min_lr:
-    `min_lr_rate`; null ones are left out). The warmup is capped at a tenth of the run, so a tiny run still leaves it."""
+    """transformers' schedule `name` (`get_scheduler`: linear, cosine, cosine_with_min_lr, ...) over the run's
+    optimizer steps. `schedule_kwargs` go to it as they are (cosine_with_min_lr: `min_lr_rate`), null ones left out.
+    The warmup is capped at a tenth of the run, so a tiny run still leaves it."""
     schedule_kwargs = {k: v for k, v in schedule_kwargs.items() if v is not None}
     return get_scheduler(name, optimizer, num_warmup_steps=min(warmup_steps, max(total_steps // 10, 1)),
                          num_training_steps=total_steps, scheduler_specific_kwargs=schedule_kwargs or None)
