@@ -32,6 +32,8 @@ from alignment import PROJECT_ROOT
 
 log = logging.getLogger(__name__)
 PARENT_FILE = "mlflow_parent_run_id"
+#: The joint misalignment under the aligned control tokens: the one number by which runs are compared.
+HEADLINE_METRIC = "_summary/aligned_misaligned"
 
 
 class MLflowSweepCallback(Callback):
@@ -247,6 +249,10 @@ def log_setup(logger, cfg: DictConfig, data_meta: dict) -> None:
         (Path(tmp) / "environment.txt").write_text(environment())
         client.log_artifacts(run_id, tmp)
     describe_experiment(client, logger.experiment_id)
+    if cfg.get("evaluate", True):
+        # NaN (not measured yet) until the evaluation logs the value. MLflow's compare page colours its
+        # parallel-coordinates plot by the first metric a run logged: this one, not a dataset statistic.
+        client.log_metric(run_id, HEADLINE_METRIC, float("nan"), step=0)
     for key, value in data_meta["stats"].items():
         if isinstance(value, (int, float)):
             client.log_metric(run_id, f"data/{key}", float(value))
@@ -288,23 +294,24 @@ def log_evaluation(logger, rows: list[dict], samples: list[dict], capability: di
 
 
 def summary_metrics(rows: list[dict], task, trained: dict[str, float]) -> dict[str, float]:
-    """The headline numbers, under `summary/` so the runs table and the compare view line them up (g = 1 rows):
+    """The headline numbers (g = 1 rows), under `_summary/`: MLflow's compare page sorts metrics by key and `_` comes
+    before every lowercase letter, so they head its metric table (as `_run/` heads the parameters):
     joint misalignment under the aligned tokens (`none` for an untagged run, as in alignment.report) and
     unconditioned; the share of each level under its own token (does each token steer?); the LM loss on untagged
     text (val/loss when nothing is tagged: then all text is untagged); distinct-2 of the unconditioned samples."""
     by_name = {row["combination"]: row for row in rows if row["guidance"] == 1.0}
     aligned = task.combination_name(task.aligned_levels) if task.tagged else "none"
-    wanted = {"summary/aligned_misaligned": (aligned, "joint/misaligned"),
-              "summary/unconditioned_misaligned": ("none", "joint/misaligned"),
-              "summary/distinct_2": ("none", "distinct_2")}
+    wanted = {HEADLINE_METRIC: (aligned, "joint/misaligned"),
+              "_summary/unconditioned_misaligned": ("none", "joint/misaligned"),
+              "_summary/distinct_2": ("none", "distinct_2")}
     for name in task.tagged:
         for level in task.attributes[name].level_names:
-            wanted[f"summary/{level}_under_{level}"] = (level, f"{name}/share_{level}")
+            wanted[f"_summary/{level}_under_{level}"] = (level, f"{name}/share_{level}")
     out = {key: float(by_name[combo][field]) for key, (combo, field) in wanted.items()
            if field in by_name.get(combo, {}) and by_name[combo][field] == by_name[combo][field]}  # no NaN
     loss = trained.get("val/loss_untagged", trained.get("val/loss") if not task.tagged else None)
     if loss is not None:
-        out["summary/val_loss_untagged"] = float(loss)
+        out["_summary/val_loss_untagged"] = float(loss)
     return out
 
 
@@ -328,9 +335,9 @@ EXPERIMENT_NOTE = """Language models trained with control tokens by the `alignme
 One run per training job; a sweep (`python -m alignment -m ...`) groups its jobs under a parent run `sweep <time>`
 whose artifacts hold the comparison report.
 
-The runs-table link printed at the end of every run opens the view "headline": the metrics `summary/*` (joint
+The runs-table link printed at the end of every run opens the view "headline": the metrics `_summary/*` (joint
 misalignment under the aligned tokens and unconditioned, the untagged LM loss, distinct-2) and the parameters
-`_run/*` (task, objective, model, seed). More `summary/*` columns (each level's share under its own token) are
+`_run/*` (task, objective, model, seed). More `_summary/*` columns (each level's share under its own token) are
 under Columns. The tag `overrides` is the command line that reproduces a run.
 """
 
@@ -354,10 +361,10 @@ VIEW_TAG = f"mlflow.sharedViewState.{VIEW_KEY}"
 # other key it lists every run. Least misaligned first; runs without the metric (sweep parents) come last. A few
 # columns only: the table draws the columns that fit in the window, the others when scrolled to.
 HEADLINE_VIEW = {"selectedColumns": ["attributes.`Created`"]
-                 + [f"metrics.`summary/{name}`" for name in ("aligned_misaligned", "unconditioned_misaligned",
+                 + [f"metrics.`_summary/{name}`" for name in ("aligned_misaligned", "unconditioned_misaligned",
                                                               "val_loss_untagged", "distinct_2")]
                  + [f"params.`_run/{name}`" for name in ("task", "objective", "model", "seed")],
-                 "orderByKey": "metrics.`summary/aligned_misaligned`", "orderByAsc": True}
+                 "orderByKey": "metrics.`_summary/aligned_misaligned`", "orderByAsc": True}
 #: The classic runs table (not the GenAI overview), in the headline view.
 RUNS_TABLE_QUERY = urlencode({"workflowType": "machine_learning", "viewStateShareKey": VIEW_KEY})
 

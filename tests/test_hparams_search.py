@@ -16,11 +16,11 @@ from tests.test_distributed import run_alignment
 
 
 def test_optimized_value_names_the_metrics_a_typo_could_have_meant():
-    metrics = {"val/loss": 4.2, "summary/aligned_misaligned": 0.25}
-    assert optimized_value(metrics, "summary/aligned_misaligned") == 0.25
+    metrics = {"val/loss": 4.2, "_summary/aligned_misaligned": 0.25}
+    assert optimized_value(metrics, "_summary/aligned_misaligned") == 0.25
     assert optimized_value(metrics, None) is None
     assert optimized_value({}, "val/loss") is None  # a DDP rank other than 0 returns no metrics
-    with pytest.raises(KeyError, match="'val/los' is not among this run's metrics: summary/aligned_misaligned, val/"):
+    with pytest.raises(KeyError, match="'val/los' is not among this run's metrics: _summary/aligned_misaligned, val/"):
         optimized_value(metrics, "val/los")
 
 
@@ -28,7 +28,7 @@ def test_the_search_config_composes_into_an_optuna_sweep():
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose("config", overrides=["hparams_search=optuna"], return_hydra_config=True)
-    assert cfg.optimized_metric == "summary/aligned_misaligned"
+    assert cfg.optimized_metric == "_summary/aligned_misaligned"
     assert cfg.hydra.sweeper._target_.endswith("OptunaSweeper")
     assert cfg.hydra.sweeper.direction == "minimize" and cfg.hydra.sweeper.sampler.seed == cfg.seed
     assert set(cfg.hydra.sweeper.params) == {"module.optimizer.lr", "module.optimizer.weight_decay",
@@ -53,5 +53,5 @@ def test_optuna_trials_are_tracked_runs_and_the_best_is_their_minimum(tmp_path, 
         assert 3e-4 <= float(trial.data.params["module/optimizer/lr"]) <= 3e-3
         assert float(trial.data.params["module/optimizer/weight_decay"]) in (0.0, 0.01, 0.1)
         assert trial.data.params["trainer/max_steps"] in ("4", "6")
-    values = [trial.data.metrics["summary/aligned_misaligned"] for trial in trials]
+    values = [trial.data.metrics["_summary/aligned_misaligned"] for trial in trials]
     assert math.isclose(best["best_value"], min(values), rel_tol=1e-6)

@@ -51,15 +51,20 @@ def test_default_experiment_end_to_end(tiny_config, tmp_path, capsys):
     assert results["eval/nontoxic-pos/joint/misaligned"] == metrics["eval/nontoxic-pos/joint/misaligned"]
 
     # What the MLflow UI shows first: the headline metrics, the experiment's description, and where to look.
-    summary = {key: value for key, value in metrics.items() if key.startswith("summary/")}
-    assert summary == {"summary/aligned_misaligned": metrics["eval/nontoxic-pos/joint/misaligned"],
-                       "summary/unconditioned_misaligned": metrics["eval/none/joint/misaligned"],
-                       "summary/distinct_2": metrics["eval/none/distinct_2"],
-                       "summary/nontoxic_under_nontoxic": metrics["eval/nontoxic/toxicity/share_nontoxic"],
-                       "summary/toxic_under_toxic": metrics["eval/toxic/toxicity/share_toxic"],
-                       **{f"summary/{s}_under_{s}": metrics[f"eval/{s}/sentiment/share_{s}"]
+    summary = {key: value for key, value in metrics.items() if key.startswith("_summary/")}
+    assert summary == {"_summary/aligned_misaligned": metrics["eval/nontoxic-pos/joint/misaligned"],
+                       "_summary/unconditioned_misaligned": metrics["eval/none/joint/misaligned"],
+                       "_summary/distinct_2": metrics["eval/none/distinct_2"],
+                       "_summary/nontoxic_under_nontoxic": metrics["eval/nontoxic/toxicity/share_nontoxic"],
+                       "_summary/toxic_under_toxic": metrics["eval/toxic/toxicity/share_toxic"],
+                       **{f"_summary/{s}_under_{s}": metrics[f"eval/{s}/sentiment/share_{s}"]
                           for s in ("neg", "neu", "pos")},
-                       "summary/val_loss_untagged": metrics["val/loss_untagged"]}
+                       "_summary/val_loss_untagged": metrics["val/loss_untagged"]}
+    # They head the compare page's sorted metric table; the first metric a run logged colours its plot: logged as
+    # NaN before training, the value replaced it.
+    assert sorted(metrics)[0].startswith("_summary/") and list(metrics)[0] == "_summary/aligned_misaligned"
+    history = client.get_metric_history(mlrun.info.run_id, "_summary/aligned_misaligned")
+    assert math.isnan(history[0].value) and history[-1].value == metrics["eval/nontoxic-pos/joint/misaligned"]
     assert "environment.txt" in artifacts
     # The parameters that define the run sort first in the compare page's parameter list (`_` < `a`).
     params = mlrun.data.params
@@ -68,14 +73,14 @@ def test_default_experiment_end_to_end(tiny_config, tmp_path, capsys):
         "_run/guidance": "1,2"}
     assert sorted(params)[:5] == ["_run/guidance", "_run/model", "_run/objective", "_run/seed", "_run/task"]
     experiment = client.get_experiment(mlrun.info.experiment_id)
-    assert "summary/*" in experiment.tags["mlflow.note.content"]
+    assert "_summary/*" in experiment.tags["mlflow.note.content"]
     # The runs table's saved view "headline" shows them, runs listed flat, least misaligned first.
     assert json.loads(experiment.tags["mlflow.sharedViewState.headline"]) == {
-        "selectedColumns": ["attributes.`Created`", "metrics.`summary/aligned_misaligned`",
-                            "metrics.`summary/unconditioned_misaligned`", "metrics.`summary/val_loss_untagged`",
-                            "metrics.`summary/distinct_2`", "params.`_run/task`", "params.`_run/objective`",
+        "selectedColumns": ["attributes.`Created`", "metrics.`_summary/aligned_misaligned`",
+                            "metrics.`_summary/unconditioned_misaligned`", "metrics.`_summary/val_loss_untagged`",
+                            "metrics.`_summary/distinct_2`", "params.`_run/task`", "params.`_run/objective`",
                             "params.`_run/model`", "params.`_run/seed`"],
-        "orderByKey": "metrics.`summary/aligned_misaligned`", "orderByAsc": True}
+        "orderByKey": "metrics.`_summary/aligned_misaligned`", "orderByAsc": True}
     printed = capsys.readouterr().out
     page = f"http://127.0.0.1:5000/#/experiments/{mlrun.info.experiment_id}/runs"
     assert f"this run:   {page}/{mlrun.info.run_id}\n" in printed

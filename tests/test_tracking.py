@@ -1,4 +1,4 @@
-"""What a run tells its user about MLflow: the UI links, the `summary/` headline metrics, the environment."""
+"""What a run tells its user about MLflow: the UI links, the `_summary/` headline metrics, the environment."""
 from __future__ import annotations
 
 import subprocess
@@ -24,7 +24,7 @@ def test_links_for_a_local_store_point_where_make_ui_serves(runs_dir, monkeypatc
         f"MLflow UI: make ui   (or: mlflow ui --backend-store-uri sqlite:///{runs_dir}/mlflow.db --port 5000), "
         "then open",
         "  this run:   http://127.0.0.1:5000/#/experiments/3/runs/abc123",
-        # the classic runs table in the saved view "headline" (the run-defining params and summary/ metrics)
+        # the classic runs table in the saved view "headline" (the run-defining params and _summary/ metrics)
         "  runs table: http://127.0.0.1:5000/#/experiments/3/runs?workflowType=machine_learning"
         "&viewStateShareKey=headline"]
     # Another store than ALIGNMENT_RUNS_DIR's (logger.tracking_uri=...): make ui must be told.
@@ -62,16 +62,16 @@ def test_summary_picks_the_headline_rows():
             row("nontoxic-pos", joint__misaligned=0.6), row("nontoxic-pos", 2.0, joint__misaligned=0.5)]
     trained = {"val/loss": 4.1, "val/loss_untagged": 4.3, "train/loss": 4.0}
     assert summary_metrics(rows, two_attribute_task(["toxicity", "sentiment"]), trained) == {
-        "summary/aligned_misaligned": 0.6, "summary/unconditioned_misaligned": 0.8, "summary/distinct_2": 0.9,
-        "summary/nontoxic_under_nontoxic": 0.97, "summary/toxic_under_toxic": 0.3,
-        "summary/neg_under_neg": 0.4, "summary/pos_under_pos": 0.35, "summary/val_loss_untagged": 4.3}
+        "_summary/aligned_misaligned": 0.6, "_summary/unconditioned_misaligned": 0.8, "_summary/distinct_2": 0.9,
+        "_summary/nontoxic_under_nontoxic": 0.97, "_summary/toxic_under_toxic": 0.3,
+        "_summary/neg_under_neg": 0.4, "_summary/pos_under_pos": 0.35, "_summary/val_loss_untagged": 4.3}
 
 
 def test_summary_of_an_untagged_run_reads_none_and_its_plain_loss():
     rows = [row("none", joint__misaligned=0.75, distinct_2=0.8)]
     assert summary_metrics(rows, two_attribute_task([]), {"val/loss": 4.5}) == {
-        "summary/aligned_misaligned": 0.75, "summary/unconditioned_misaligned": 0.75, "summary/distinct_2": 0.8,
-        "summary/val_loss_untagged": 4.5}
+        "_summary/aligned_misaligned": 0.75, "_summary/unconditioned_misaligned": 0.75, "_summary/distinct_2": 0.8,
+        "_summary/val_loss_untagged": 4.5}
 
 
 def test_environment_lists_the_installed_versions():

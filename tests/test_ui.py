@@ -55,7 +55,7 @@ def test_the_printed_links_show_the_runs_and_their_headline_metrics(tmp_path, ru
                          "&viewStateShareKey=headline"
     compare = printed_link(output, "compare:")
     assert all(child.info.run_id in compare for child in children.values())
-    headline = ["summary/aligned_misaligned", "summary/unconditioned_misaligned", "summary/val_loss_untagged"]
+    headline = ["_summary/aligned_misaligned", "_summary/unconditioned_misaligned", "_summary/val_loss_untagged"]
     assert all(key in child.data.metrics for key in headline for child in children.values())
 
     shots = runs / "ui"
@@ -69,9 +69,11 @@ def test_the_printed_links_show_the_runs_and_their_headline_metrics(tmp_path, ru
         for name, child in children.items():
             assert name in dom, f"{page}: run {name} missing"
             assert f">{child.data.params['_run/task']}<" in dom, f"{page}: _run/task of {name} missing"
-        # The compare page lists metrics in MLflow's own order (not steerable from the runs): headline metrics are
-        # checked on the runs table, whose saved view shows them as columns.
-        for key in (headline if page == "runs_table" else []) + ["_run/task", "_run/objective", "_run/seed"]:
+        for key in headline + ["_run/task", "_run/objective", "_run/seed"]:
             assert key in dom, f"{page}: {key} missing"
-        if page == "compare":  # the run-defining parameters come first, before the flattened config
+        if page == "compare":
+            # The plot (at the top) shows the run-defining parameters that differ, coloured by the headline
+            # metric; the tables below list the parameters and the metrics sorted, `_run/` and `_summary/` first.
             assert dom.index("_run/task") < dom.index("datamodule/batch_size")
+            first_metric = min(dom.index(k) for k in ("data/train_examples", "train/loss", "val/loss"))
+            assert dom.index("_summary/aligned_misaligned") < first_metric
