@@ -48,6 +48,8 @@ def main(argv: list[str] | None = None) -> Path:
     report = build_report(client, runs, out, title)
     if args.into:
         command = "python -m alignment.report " + " ".join(a for a in (argv if argv is not None else sys.argv[1:]))
+        if "--tracking-uri" not in command and args.tracking_uri != f"sqlite:///{runs_dir}/mlflow.db":
+            command = f"MLFLOW_TRACKING_URI={args.tracking_uri} {command}"  # the store, when not the default one
         write_between_markers(args.into, args.key, tables_only(report.read_text()), command)
         print(f"Updated {args.into} ({args.key})")
     print(f"Report: {report}\nTable: {out / 'runs.csv'}")
