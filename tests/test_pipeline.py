@@ -72,6 +72,9 @@ def test_default_experiment_end_to_end(tiny_config, tmp_path, capsys):
         "_run/task": "toxsen", "_run/objective": "conditional", "_run/model": "tiny", "_run/seed": str(cfg.seed),
         "_run/guidance": "1,2"}
     assert sorted(params)[:5] == ["_run/guidance", "_run/model", "_run/objective", "_run/seed", "_run/task"]
+    # Sections that only repeat another (datamodule.task: ${task}) are logged once, under their own name.
+    assert params["task/name"] == "toxsen" and not any(k.startswith(("datamodule/task/", "module/objective/"))
+                                                       for k in params)
     experiment = client.get_experiment(mlrun.info.experiment_id)
     assert "_summary/*" in experiment.tags["mlflow.note.content"]
     # The runs table's saved view "headline" shows them, runs listed flat, least misaligned first.

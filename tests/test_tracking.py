@@ -10,10 +10,11 @@ from urllib.parse import parse_qs, urlsplit
 import mlflow
 import numpy as np
 import pytest
+from omegaconf import OmegaConf
 
 from alignment import PROJECT_ROOT
 from alignment.task import Attribute, Task
-from alignment.tracking import environment, summary_metrics, ui_links
+from alignment.tracking import environment, section_copies, summary_metrics, ui_links
 
 
 def test_links_for_a_local_store_point_where_make_ui_serves(runs_dir, monkeypatch):  # runs_dir: sets ALIGNMENT_RUNS_DIR
@@ -109,3 +110,10 @@ def test_processes_opening_a_new_sqlite_store_at_once_all_log_their_run(tmp_path
     client = mlflow.MlflowClient(uri)
     runs = client.search_runs([client.get_experiment_by_name("alignment").experiment_id])
     assert len(runs) == 4 and {r.info.status for r in runs} == {"FINISHED"}
+
+
+def test_sections_that_repeat_another_section_are_not_logged_twice():
+    cfg = OmegaConf.create({"task": {"name": "tox", "tagged": ["toxicity"]},
+                            "datamodule": {"task": "${task}", "name": "${task.name}", "batch_size": 8}})
+    # a whole section by interpolation is a copy; a scalar taken from one is a value of its own
+    assert section_copies(cfg) == ["datamodule/task"]
