@@ -61,7 +61,8 @@ def test_a_failing_job_fails_the_sweep_and_its_own_run(tmp_path, runs_dir):
     job creates its MLflow run. Hydra stops the sweep there without calling on_multirun_end: the parent must not stay
     RUNNING."""
     runs = tmp_path / "runs"
-    output = run_alignment(["-m", "module.scheduler.name=cosine,exponential", "task=tox", *TINY, "save_model=false",
+    output = run_alignment(["-m", "module.scheduler.name=cosine_with_min_lr,exponential", "task=tox", *TINY,
+                            "save_model=false",
                             f"paths.cache_dir={runs_dir / 'cache'}"], runs, timeout=240, succeed=False)
     assert "module.scheduler.name='exponential': must be one of linear, cosine, cosine_with_restarts" in output
     (sweep_dir,) = (runs / "multi").glob("*/*")
@@ -70,7 +71,8 @@ def test_a_failing_job_fails_the_sweep_and_its_own_run(tmp_path, runs_dir):
     (parent,) = [r for r in mlruns if "mlflow.parentRunId" not in r.data.tags]
     assert parent.info.run_id == (sweep_dir / PARENT_FILE).read_text()
     assert parent.info.status == "FAILED" and parent.info.end_time is not None
-    assert parent.data.tags["sweep.overrides"].startswith("module.scheduler.name=cosine,exponential task=tox")
+    assert parent.data.tags["sweep.overrides"].startswith(
+        "module.scheduler.name=cosine_with_min_lr,exponential task=tox")
     jobs = {r.data.tags["sweep.job"]: r for r in mlruns if r is not parent}
     assert sorted(jobs) == ["0"]  # job 1 left no run behind
     assert jobs["0"].data.tags["mlflow.parentRunId"] == parent.info.run_id
