@@ -4,6 +4,7 @@ the weights an uninterrupted run reaches."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,7 +20,7 @@ from alignment import PROJECT_ROOT
 from alignment.lifecycle import NonFiniteLossError
 from alignment.resume import last_good_checkpoint
 from alignment.train import run
-from tests.conftest import TINY
+from tests.conftest import TINY, compose_config
 
 # Checkpoints after every step (Lightning's ModelCheckpoint as conf/callbacks/default.yaml sets it up).
 EVERY_STEP = ["callbacks=default", "callbacks.checkpoint.monitor=null", "+callbacks.checkpoint.every_n_train_steps=1",
@@ -54,13 +55,43 @@ def test_a_torn_last_checkpoint_falls_back_to_the_newest_readable_one(tmp_path):
     assert last_good_checkpoint(tmp_path) == tmp_path / "step1.ckpt"
 
 
+DROPOUT = ["+model.arch.resid_pdrop=0.1", "+model.arch.embd_pdrop=0.1", "+model.arch.attn_pdrop=0.1"]
+
+
+def stopped_copy(folder: Path, step: int, to: Path) -> Path:
+    """`folder` as a run stopped after the checkpoint of `step` left it: the later checkpoints left out (copytree
+    keeps the files' times, by which resume picks the newest)."""
+    later = {f"step{n}.ckpt" for n in range(step + 1, 1000)} | {"last.ckpt"}
+    shutil.copytree(folder, to, ignore=lambda _, names: [n for n in names if n in later])
+    return to
+
+
+def test_a_run_resumed_from_any_checkpoint_reaches_the_uninterrupted_weights_with_dropout_on(tmp_path):
+    # 3 epochs of 4 batches, validation every 3 steps (counted across epochs). Resumed from step 3 (saved before
+    # that step's validation, which the resumed run does not repeat), 4 (the end of an epoch) and 6 (mid-epoch,
+    # saved before a validation, in the second epoch): each run draws other random numbers before its next step (a
+    # new train iterator draws its base seed from torch, the uninterrupted run's validation draws two), and the
+    # epoch-end one starts the next epoch with its first batch.
+    args = [*TINY, *EVERY_STEP, *DROPOUT, "trainer.max_epochs=3", "trainer.limit_train_batches=4",
+            "trainer.max_steps=10", "evaluate=false", "save_model=false", "eval.curve.every_n_steps=0", "task=tox"]
+    whole = tmp_path / "whole"
+    run(compose_config(args, whole))
+    final = torch.load(whole / "checkpoints" / "last.ckpt", weights_only=True)
+    assert final["global_step"] == 10 and final["epoch"] == 2
+    for step in (3, 4, 6):
+        folder = stopped_copy(whole, step, tmp_path / f"stopped{step}")
+        run(compose_config([*args, f"resume={folder}"], folder))
+        resumed = torch.load(folder / "checkpoints" / "last.ckpt", weights_only=True)
+        assert resumed["global_step"] == 10
+        for key, value in final["state_dict"].items():
+            torch.testing.assert_close(resumed["state_dict"][key], value, rtol=1e-6, atol=1e-7,
+                                       msg=f"resumed from step {step}: {key}")
+
+
 # A run long enough to be stopped in the middle: 24 steps of 8 sentences (one epoch of the 400-tweet slice is
-# about 45 batches), checkpoints every step, no evaluation, no alignment curve and, as in the shipped default, no
-# dropout (the weights are what is compared; with dropout on, the comparison failed in 2 of ~8 runs, depending on
-# where the kill lands: the random state a resumed run restores is not yet exact).
-LONG = [*TINY, *EVERY_STEP, "trainer.max_steps=24", "trainer.val_check_interval=8", "evaluate=false",
-        "eval.curve.every_n_steps=0", "task=tox", "+model.arch.resid_pdrop=0", "+model.arch.embd_pdrop=0",
-        "+model.arch.attn_pdrop=0"]
+# about 45 batches), checkpoints every step, dropout on, no evaluation, no alignment curve.
+LONG = [*TINY, *EVERY_STEP, *DROPOUT, "trainer.max_steps=24", "trainer.val_check_interval=8", "evaluate=false",
+        "eval.curve.every_n_steps=0", "task=tox"]
 
 
 def start(args: list[str], runs: Path) -> subprocess.Popen:
