@@ -112,7 +112,7 @@ def evaluate_run(cfg: DictConfig) -> list[dict]:
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="evaluate")
 def main(cfg: DictConfig) -> None:
-    with user_errors():
+    with user_errors(cfg):
         evaluate_run(cfg)
 
 

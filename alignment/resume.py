@@ -93,6 +93,15 @@ def resume_dir(resume, tracking_uri, default):
         return default
 
 
+def hydra_subdir(output_dir, stamp) -> str:
+    """OmegaConf resolver for hydra.output_subdir, where Hydra writes its copies of the command's config: `.hydra`
+    in a new folder; in a folder that already holds a run (resume=, a requeued job) `.hydra/<stamp>`, so the
+    run's own record stays as it was, and a refused command's copies can go without touching it."""
+    if output_dir is not None and (Path(output_dir) / RUN_ID_FILE).is_file():
+        return f".hydra/{stamp}"
+    return ".hydra"
+
+
 @dataclass
 class Resumed:
     folder: Path
