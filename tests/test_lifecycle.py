@@ -179,12 +179,9 @@ def test_sigterm_saves_a_checkpoint_ends_killed_and_the_resumed_run_finishes(tmp
 def test_three_runs_at_once_share_one_sqlite_store(tmp_path, runs_dir):
     """Three runs of one command (seeds apart) started together against one sqlite store, as from three terminals
     or a job array without a server: each gets a folder of its own, ends FINISHED with every metric point, and no
-    write failed on sqlite's lock. The store and its experiment exist already, as after a first run: this is about
-    writing at once, not about creating a new store at once (a race of its own, in MLflow's table migration)."""
+    write failed on sqlite's lock. No store exists yet: the three create it, its tables and its experiment at once
+    (tracking.open_store locks the store's creation; unlocked, MLflow's table migration raced)."""
     runs = tmp_path / "runs"
-    runs.mkdir()
-    mlflow.MlflowClient(f"sqlite:///{runs}/mlflow.db").create_experiment(
-        "alignment", artifact_location=str(runs / "mlartifacts"))
     args = [*TINY, "task=tox", "save_model=false", "evaluate=false", "eval.curve.every_n_steps=0",
             f"paths.cache_dir={runs_dir / 'cache'}"]
     procs = [start([*args, f"seed={seed}"], runs) for seed in (1, 2, 3)]
