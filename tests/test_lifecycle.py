@@ -94,8 +94,8 @@ LONG = [*TINY, *EVERY_STEP, *DROPOUT, "trainer.max_steps=24", "trainer.val_check
         "eval.curve.every_n_steps=0", "task=tox"]
 
 
-def start(args: list[str], runs: Path) -> subprocess.Popen:
-    env = {**os.environ, "ALIGNMENT_RUNS_DIR": str(runs), "PYTHONPATH": str(PROJECT_ROOT)}
+def start(args: list[str], runs: Path, **variables: str) -> subprocess.Popen:
+    env = {**os.environ, "ALIGNMENT_RUNS_DIR": str(runs), "PYTHONPATH": str(PROJECT_ROOT), **variables}
     env.pop("MLFLOW_TRACKING_URI", None)
     return subprocess.Popen([sys.executable, "-m", "alignment", *args], cwd=PROJECT_ROOT, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
@@ -173,6 +173,56 @@ def test_sigterm_saves_a_checkpoint_ends_killed_and_the_resumed_run_finishes(tmp
     mlrun = the_run(runs, folder)
     assert mlrun.info.status == "FINISHED" and "failure" not in mlrun.data.tags
     assert torch.load(folder / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 24
+
+
+def wait_for(path: Path, proc: subprocess.Popen) -> None:
+    deadline = time.monotonic() + 1500
+    while not path.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            pytest.fail(f"no {path} before the run ended:\n{finish(proc)[1][-4000:]}")
+        time.sleep(0.2)
+
+
+#: What SLURM sets in a one-task job and Lightning reads (SLURMEnvironment: it detects SLURM by SLURM_NTASKS).
+SLURM_JOB = {"SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "alignment", "SLURM_NTASKS": "1", "SLURM_NTASKS_PER_NODE": "1",
+             "SLURM_NNODES": "1", "SLURM_NODEID": "0", "SLURM_PROCID": "0", "SLURM_LOCALID": "0",
+             "SLURM_NODELIST": "localhost"}
+
+
+@pytest.mark.slow
+def test_a_job_slurm_requeued_resumes_by_itself_in_its_folder_and_mlflow_run(tmp_path, runs_dir):
+    """A SLURM job as hydra/launcher=slurm runs it: a folder fixed before it starts (a sweep job's), SLURM's
+    variables set. SIGUSR1 (SLURM's warning before the time limit) makes Lightning save hpc_ckpt_1.ckpt and call
+    `scontrol requeue`, which this machine does not have; the job is then killed, as at the time limit. SLURM runs
+    the same job again in the same folder with SLURM_RESTART_COUNT=1: without resume=, it goes on there from the
+    newest checkpoint, in the same MLflow run. (SLURM itself, sbatch and submitit's requeue are not run here.)"""
+    runs, job = tmp_path / "runs", tmp_path / "runs" / "job"
+    args = [*LONG, f"paths.cache_dir={runs_dir / 'cache'}", f"hydra.run.dir={job}"]
+    proc = start(args, runs, **SLURM_JOB)
+    wait_for(job / "checkpoints" / "step5.ckpt", proc)
+    os.kill(proc.pid, signal.SIGUSR1)
+    wait_for(job / "checkpoints" / "step11.ckpt", proc)
+    os.killpg(proc.pid, signal.SIGKILL)
+    output = finish(proc)[1]
+    assert "Requeuing SLURM job 4242 failed with error code 127" in output, output[-4000:]  # no scontrol here
+    assert (job / "hpc_ckpt_1.ckpt").is_file()
+    run_id = (job / "mlflow_run_id").read_text().strip()
+    assert the_run(runs, job).info.status == "RUNNING"
+
+    code, output = finish(start(args, runs, **SLURM_JOB, SLURM_RESTART_COUNT="1"))
+    assert code == 0, output[-4000:]
+    assert f"Resuming MLflow run {run_id} in {job} from {job}/checkpoints/" in output
+    assert not (runs / "single").exists()  # no new run folder
+    mlrun = the_run(runs, job)
+    assert mlrun.info.run_id == run_id and mlrun.info.status == "FINISHED"
+    client = mlflow.MlflowClient(f"sqlite:///{runs}/mlflow.db")
+    assert len(client.search_runs([mlrun.info.experiment_id])) == 1  # no new MLflow run
+    steps = [m.step for m in client.get_metric_history(run_id, "train/loss")]
+    assert sorted(steps) == list(range(24))  # each step once
+    assert torch.load(job / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 24
+    # The job's own record of its command stays; the requeued run's is beside it.
+    (requeued,) = [p for p in (job / ".hydra").iterdir() if p.is_dir()]
+    assert sorted(p.name for p in requeued.iterdir()) == ["config.yaml", "hydra.yaml", "overrides.yaml"]
 
 
 @pytest.mark.slow
