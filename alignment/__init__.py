@@ -41,3 +41,14 @@ def _resume_dir(resume, tracking_uri, default):
 if not OmegaConf.has_resolver("resume_dir"):
     # conf/hydra/default.yaml: `resume=<run folder | run id>` runs in that run's folder.
     OmegaConf.register_new_resolver("resume_dir", _resume_dir)
+
+
+def _hydra_subdir(output_dir, stamp):
+    from alignment.resume import hydra_subdir
+
+    return hydra_subdir(output_dir, stamp)
+
+
+if not OmegaConf.has_resolver("hydra_subdir"):
+    # conf/hydra/default.yaml: a resumed run's folder keeps its own .hydra record.
+    OmegaConf.register_new_resolver("hydra_subdir", _hydra_subdir)

@@ -19,7 +19,7 @@ def main(cfg: DictConfig) -> float | None:
     from alignment.train import run  # heavy imports after Hydra has parsed the command line (fast --help)
     from alignment.validation import user_errors
 
-    with user_errors():  # a ConfigError: its message alone, exit code 2
+    with user_errors(cfg):  # a ConfigError: its message alone, exit code 2
         metrics = run(cfg)
     if HydraConfig.get().mode != RunMode.MULTIRUN:
         return None  # only a sweeper reads the return value

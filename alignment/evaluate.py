@@ -25,6 +25,8 @@ log = logging.getLogger(__name__)
 
 #: What a run folder must hold to be evaluated (alignment.train writes them).
 NEEDED = ("model", "config.yaml", "dataset.json")
+#: What a saved model folder holds besides its weights (alignment.model.save_model: save_pretrained's files).
+MODEL_FILES = ("config.json", "tokenizer_config.json")
 
 
 def run_problems(run: str, tracking_uri: str) -> list[str]:
@@ -43,9 +45,27 @@ def run_problems(run: str, tracking_uri: str) -> list[str]:
     except (ValueError, mlflow.exceptions.MlflowException) as error:
         return [f"run={run}: no such folder (working directory {os.getcwd()}) nor an MLflow run id in {tracking_uri} "
                 f"({error}); pass a run folder (runs/single/<date>/<time>_<run name>) or its MLflow run id"]
-    missing = [name for name in NEEDED if name not in {a.path for a in client.list_artifacts(run)}]
-    return [f"run={run}: the run's artifacts lack {missing}: evaluate a run trained with save_model=true"] if missing \
-        else []
+    return _artifact_problems(client, run)
+
+
+def _artifact_problems(client, run: str) -> list[str]:
+    """A run id's artifacts must hold NEEDED, and its model folder the files the model loads from (a folder
+    deleted or cut short in the artifact store would otherwise fail inside transformers, with a traceback)."""
+    present = {a.path for a in client.list_artifacts(run)}
+    missing = [name for name in NEEDED if name not in present]
+    if "model" in present:
+        model = {Path(a.path).name for a in client.list_artifacts(run, "model")}
+        missing += [f"model/{name}" for name in MODEL_FILES if name not in model]
+        if not any(name.endswith((".safetensors", ".bin")) for name in model):
+            missing.append("model/model.safetensors (the weights)")
+    if not missing:
+        return []
+    info = client.get_run(run)
+    folder = info.data.tags.get("output_dir")
+    instead = f"evaluate its run folder instead (run={folder}) or " if folder and Path(folder, "model").is_dir() \
+        else ""
+    return [f"run={run}: the run's artifacts in {info.info.artifact_uri} lack {missing} (trained with "
+            f"save_model=false, or deleted since): {instead}train it again with save_model=true"]
 
 
 def locate_run(run: str, tracking_uri: str) -> tuple[Path, str | None]:
@@ -112,7 +132,7 @@ def evaluate_run(cfg: DictConfig) -> list[dict]:
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="evaluate")
 def main(cfg: DictConfig) -> None:
-    with user_errors():
+    with user_errors(cfg):
         evaluate_run(cfg)
 
 

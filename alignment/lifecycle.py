@@ -9,7 +9,11 @@
 - Preemption: on SIGTERM during training (SLURM sends it before the time limit, and on preemption) Lightning ends
   the step in progress and raises SIGTERMException; `Guard` then saves `checkpoints/last.ckpt`, so the requeued job
   resumes from that step (`alignment.resume`).
-- Resume: `Guard` keeps the RNG states in the checkpoint, so dropout continues as if never stopped.
+- Resume: each training batch draws its dropout masks (and whatever else the step draws from torch) from a
+  generator seeded by (seed, rank, batch number), not from where the global stream happens to be: that stream
+  also feeds each DataLoader iterator's base seed, so a resumed run (a new train iterator; no validation at the
+  step it was saved before) would be off by a draw or two and draw other masks from its first step on. NumPy's and
+  Python's states go into the checkpoint (`Guard.state_dict`).
 """
 from __future__ import annotations
 
@@ -114,10 +118,12 @@ def _end(client, run_id: str, status: str, reason: str | None = None) -> None:
 
 
 class Guard(pl.Callback):
-    """Stops at a non-finite loss, saves a checkpoint on SIGTERM, and keeps the RNG states in every checkpoint."""
+    """Stops at a non-finite loss, saves a checkpoint on SIGTERM, seeds torch per training batch and keeps NumPy's
+    and Python's RNG states in every checkpoint."""
 
-    def __init__(self, output_dir: Path):
+    def __init__(self, output_dir: Path, seed: int = 0):
         self.last = Path(output_dir) / CHECKPOINT_DIR / LAST
+        self.seed = seed
         self.fitting = False
         self.stopped_by: str | None = None  # the exception that interrupted fit, by name
         self.rng: dict | None = None  # RNG states read from the checkpoint, until training starts
@@ -146,6 +152,12 @@ class Guard(pl.Callback):
             log.warning("SIGTERM at step %d: saved %s; re-run with resume=%s to go on", trainer.global_step,
                         self.last, self.last.parent.parent)
 
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        # total_batch_idx counts the batches of the whole fit (a checkpoint restores it): a batch's masks are the
+        # same whether the run went through or was resumed, and differ between the batches accumulated into one
+        # step and between DDP ranks.
+        torch.manual_seed(batch_seed(self.seed, trainer.global_rank, trainer.fit_loop.total_batch_idx))
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         # Lightning logs a step's metrics after the callbacks, so after ModelCheckpoint saved that step: a kill in
         # between would lose them, and the resumed run starts after that step. Logged now (before the checkpoint,
@@ -158,26 +170,34 @@ class Guard(pl.Callback):
         # Resumed mid-epoch: the sampler's order of this epoch is the same (seed, epoch), so leaving out the batches
         # already trained continues it (Lightning restarts a plain DataLoader from its first batch).
         # `processed` counts the batches whose step ran: a checkpoint saved in on_train_batch_end (ModelCheckpoint's)
-        # has not counted its batch `completed` yet; Lightning fixes that after this hook.
+        # has not counted its batch `completed` yet; Lightning fixes that after this hook. Saved after the epoch's
+        # last batch, Lightning counts the restart mid-epoch too, but goes on with the next epoch: nothing to skip.
         done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
         sampler = getattr(trainer.train_dataloader, "sampler", None)
-        if trainer.fit_loop.restarted_mid_epoch and done and hasattr(sampler, "skip"):
+        mid_epoch = trainer.fit_loop.restarted_mid_epoch and 0 < done < trainer.num_training_batches
+        if mid_epoch and hasattr(sampler, "skip"):
             sampler.skip = done
         if self.rng is not None:
             self._restore_rng()
 
     def state_dict(self) -> dict:
-        # Plain types only, so that the checkpoint loads with torch.load(weights_only=True).
+        # Plain types only, so that the checkpoint loads with torch.load(weights_only=True). Torch's state is not
+        # needed: every batch seeds it (on_train_batch_start).
         kind, keys, position, has_gauss, gauss = np.random.get_state()
-        return {"torch": torch.get_rng_state(), "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), position,
-                                                          has_gauss, gauss], "python": random.getstate()}
+        return {"numpy": [kind, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, gauss],
+                "python": random.getstate()}
 
     def load_state_dict(self, state: dict) -> None:
-        self.rng = state  # set in on_train_start: the sanity check and the new loaders' iterators draw before
+        self.rng = state  # restored in on_train_start, after the sanity check
 
     def _restore_rng(self) -> None:
         state, self.rng = self.rng, None
-        torch.set_rng_state(state["torch"])
         kind, keys, position, has_gauss, gauss = state["numpy"]
         np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, gauss))
         random.setstate(state["python"])
+
+
+def batch_seed(seed: int, rank: int, batch: int) -> int:
+    """The torch seed of training batch `batch` (counted over the whole fit) on DDP rank `rank` of a run seeded
+    `seed`: SeedSequence mixes the three, so nearby batches get unrelated streams."""
+    return int(np.random.SeedSequence([seed, rank, batch]).generate_state(1, np.uint64)[0])

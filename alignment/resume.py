@@ -3,11 +3,12 @@ in the same folder and the same MLflow run.
 
 The folder is chosen before Hydra starts the job (the resolver `resume_dir` in conf/hydra/default.yaml), so the
 log, the checkpoints and the outputs stay together. Lightning restores the weights, optimizer, scheduler, step and
-loop counters from the checkpoint; `lifecycle.Guard` restores the RNG states and skips the batches of the epoch
-that were already trained (the sampler's order is a function of seed and epoch); the resumed MLflow run drops the
-metric points it already has. Resuming is explicit, except after a SLURM requeue: a new command gets a new,
-timestamped folder, so "the same command's previous folder" has no clean definition, while a requeued job runs
-again in its own folder (SLURM_RESTART_COUNT > 0) and goes on from there.
+loop counters from the checkpoint; `lifecycle.Guard` seeds each batch's random draws from its number (so dropout
+goes on as if never stopped) and skips the batches of the epoch that were already trained (the sampler's order is
+a function of seed and epoch); the resumed MLflow run drops the metric points it already has. Resuming is
+explicit, except after a SLURM requeue: a new command gets a new, timestamped folder, so "the same command's
+previous folder" has no clean definition, while a requeued job runs again in its own folder
+(SLURM_RESTART_COUNT > 0) and goes on from there.
 
 Lightning writes checkpoints atomically (fsspec's local transaction: a temporary file, then a rename), so a kill
 leaves the previous file whole; a file torn anyway (a copy cut short, a full disk) is detected on load and the
@@ -91,6 +92,15 @@ def resume_dir(resume, tracking_uri, default):
         return str(run_folder(str(resume), str(tracking_uri)))
     except ValueError:
         return default
+
+
+def hydra_subdir(output_dir, stamp) -> str:
+    """OmegaConf resolver for hydra.output_subdir, where Hydra writes its copies of the command's config: `.hydra`
+    in a new folder; in a folder that already holds a run (resume=, a requeued job) `.hydra/<stamp>`, so the
+    run's own record stays as it was, and a refused command's copies can go without touching it."""
+    if output_dir is not None and (Path(output_dir) / RUN_ID_FILE).is_file():
+        return f".hydra/{stamp}"
+    return ".hydra"
 
 
 @dataclass

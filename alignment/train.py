@@ -44,7 +44,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
 
     resumed = resume.locate(cfg.get("resume"), output_dir)
     logger = instantiate(cfg.logger, **({"run_id": resumed.run_id} if resumed else {"tags": tracking.run_tags(cfg)}))
-    guard = lifecycle.Guard(output_dir)  # NaN/inf loss, SIGTERM, RNG states: always on, whatever cfg.callbacks says
+    guard = lifecycle.Guard(output_dir, cfg.seed)  # NaN/inf loss, SIGTERM, RNG: always on, whatever the callbacks
     callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None and "_target_" in c]
     trainer: pl.Trainer = instantiate(cfg.trainer, logger=logger, callbacks=callbacks + [guard, phases])
     with lifecycle.run_status(logger, guard, active=trainer.is_global_zero):

@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import glob
 import os
+import shutil
 import socket
 import sys
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -336,10 +337,11 @@ def _tracking_server(uri: str | None) -> list[str]:
 
 
 @contextmanager
-def user_errors():
+def user_errors(cfg: DictConfig | None = None):
     """Around a command's work: a ConfigError ends the process with its message alone and exit code 2 (a traceback
-    would bury it). In a sweep Hydra reports the failed job itself (and ends the sweep's parent run);
-    HYDRA_FULL_ERROR=1 shows the traceback anyway."""
+    would bury it), after removing what Hydra wrote for the refused command (`remove_hydra_leftovers`). In a sweep
+    Hydra reports the failed job itself (and ends the sweep's parent run); HYDRA_FULL_ERROR=1 shows the traceback
+    anyway."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
@@ -348,5 +350,34 @@ def user_errors():
     except ConfigError as error:
         if os.environ.get("HYDRA_FULL_ERROR") == "1" or HydraConfig.get().mode == RunMode.MULTIRUN:
             raise
+        runs_dir = OmegaConf.select(cfg, "paths.runs_dir", default=None) if cfg is not None else None
+        remove_hydra_leftovers(HydraConfig.get(), runs_dir)
         print(f"Error: {error}", file=sys.stderr)
         sys.exit(2)
+
+
+#: What Hydra writes into hydra.output_subdir before the job starts.
+HYDRA_RECORD = {"config.yaml", "hydra.yaml", "overrides.yaml"}
+
+
+def remove_hydra_leftovers(hydra: DictConfig, runs_dir: str | None) -> None:
+    """Undo what Hydra wrote for a command that was then refused: its copies of the config (hydra.output_subdir:
+    `.hydra`, or `.hydra/<time>` in a folder that already held a run, see alignment.resume.hydra_subdir), and the
+    run folder itself if that is left holding nothing but the job's log and lies under `<runs_dir>/single`, where
+    new runs get their folders. Anything else stays: a resumed run's folder keeps its checkpoints, its log and its
+    own `.hydra`, and a folder given with hydra.run.dir outside runs_dir is not ours to remove."""
+    folder = Path(hydra.runtime.output_dir)
+    if hydra.output_subdir:
+        record = folder / hydra.output_subdir
+        if record.is_dir() and not record.is_symlink() and \
+                all(p.is_file() and p.name in HYDRA_RECORD for p in record.iterdir()):
+            shutil.rmtree(record)
+    if runs_dir is None or not folder.is_dir():
+        return
+    new_runs = (Path(runs_dir) / "single").resolve()
+    if new_runs in folder.resolve().parents and \
+            all(p.is_file() and p.name == f"{hydra.job.name}.log" for p in folder.iterdir()):
+        shutil.rmtree(folder)
+        with suppress(OSError):  # its date folder, if no other run is in it (rmdir removes only an empty one)
+            if folder.parent.resolve() != new_runs:
+                folder.parent.rmdir()

@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
+from urllib.parse import urlparse
 
 import mlflow
 import pytest
@@ -52,6 +55,53 @@ def test_by_mlflow_run_id_into_the_same_run(trained, tmp_path):
     evaluate_run(ecfg)
     metrics = mlflow.MlflowClient(cfg.logger.tracking_uri).get_run(run_id).data.metrics
     assert "eval/nontoxic-pos/g3/joint/misaligned" in metrics
+
+
+def test_by_mlflow_run_id_as_a_child_run_with_the_model_from_the_store(trained, tmp_path):
+    cfg, folder, run_id = trained
+    folder.rename(tmp_path / "moved")  # the run folder is gone: the model can only come from the artifact store
+    ecfg = compose_config([f"run={run_id}", "eval.guidance_scales=[1]", *SMALL_EVAL], tmp_path / "eval",
+                          config_name="evaluate")
+    evaluate_run(ecfg)
+    client = mlflow.MlflowClient(cfg.logger.tracking_uri)
+    children = client.search_runs([client.get_run(run_id).info.experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{run_id}'")
+    assert len(children) == 1
+    child = children[0]
+    assert child.data.tags["evaluated_run"] == run_id and child.info.status == "FINISHED"
+    assert "eval/nontoxic-pos/joint/misaligned" in child.data.metrics
+    # The trained run keeps the one evaluation its training made; the new one went into the child alone.
+    assert len(client.get_metric_history(run_id, "eval/nontoxic-pos/joint/misaligned")) == 1
+
+
+def test_a_run_id_whose_model_is_gone_says_what_is_missing_and_what_to_do(trained, tmp_path):
+    cfg, folder, run_id = trained
+    client = mlflow.MlflowClient(cfg.logger.tracking_uri)
+    artifact_uri = client.get_run(run_id).info.artifact_uri
+    model = Path(urlparse(artifact_uri).path) / "model"
+    (model / "model.safetensors").unlink()  # the weights alone: the folder itself is still listed
+    ecfg = compose_config([f"run={run_id}"], tmp_path / "eval", config_name="evaluate")
+    with pytest.raises(ConfigError) as error:
+        evaluate_run(ecfg)
+    assert error.value.problems == [
+        f"run={run_id}: the run's artifacts in {artifact_uri} lack ['model/model.safetensors (the weights)'] "
+        f"(trained with save_model=false, or deleted since): evaluate its run folder instead (run={folder}) or "
+        "train it again with save_model=true"]
+
+    # The whole model folder, and the run folder moved away: the command says so alone, and leaves no folder.
+    shutil.rmtree(model)
+    folder.rename(tmp_path / "moved")
+    env = dict(os.environ, PYTHONPATH=str(PROJECT_ROOT), MLFLOW_TRACKING_URI=cfg.logger.tracking_uri,
+               ALIGNMENT_RUNS_DIR=str(tmp_path / "runs"))
+    env.pop("HYDRA_FULL_ERROR", None)
+    done = subprocess.run([sys.executable, "-m", "alignment.evaluate", f"run={run_id}"], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert done.stderr.splitlines() == [
+        "Error: Invalid configuration, nothing was run:",
+        f"  run={run_id}: the run's artifacts in {artifact_uri} lack ['model'] (trained with save_model=false, or "
+        "deleted since): train it again with save_model=true"]
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["single"]  # no run folder, no date folder
 
 
 EVALUATE_BAD_INPUTS = [  # (overrides, the one problem named), all caught before any model is loaded

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import mlflow
 import pytest
@@ -124,3 +125,33 @@ def test_the_command_line_names_a_bad_resume_without_a_traceback(tmp_path):
         "Error: Invalid configuration, nothing was run:",
         f"  resume=no/such/run: no such folder (working directory {tmp_path}) and not an MLflow run id; " + WHAT]
     assert "Traceback" not in done.stderr and not (tmp_path / "mlflow.db").exists()
+    assert not any((tmp_path / "single").iterdir())  # the new folder Hydra made for it is gone
+
+
+def files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_refused_resume_leaves_the_run_folder_as_it_was(tmp_path):
+    # A stopped run's folder, as train.py and Hydra left it; the resuming command has a typo.
+    stopped = tmp_path / "runs" / "single" / "2026-01-02" / "03-04-05-000006_tox-conditional"
+    (stopped / ".hydra").mkdir(parents=True)
+    (stopped / "checkpoints").mkdir()
+    torch.save({"global_step": 3}, stopped / "checkpoints" / "last.ckpt")
+    (stopped / "mlflow_run_id").write_text("0" * 32)
+    (stopped / "alignment.log").write_text("[2026-01-02 03:04:05][alignment.train][INFO] - the stopped run\n")
+    for name in ("config.yaml", "hydra.yaml", "overrides.yaml"):
+        (stopped / ".hydra" / name).write_text(f"the stopped run's {name}\n")
+    before = files(stopped)
+    env = dict(os.environ, ALIGNMENT_RUNS_DIR=str(tmp_path / "runs"), PYTHONPATH=str(PROJECT_ROOT))
+    env.pop("HYDRA_FULL_ERROR", None)
+    env.pop("MLFLOW_TRACKING_URI", None)
+    done = subprocess.run([sys.executable, "-m", "alignment", f"resume={stopped}", "eval.mode=promptd"], env=env,
+                          cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert done.stderr.splitlines() == ["Error: Invalid configuration, nothing was run:",
+                                        "  eval.mode='promptd': must be one of unconditional, prompted"]
+    # Hydra wrote this command's config copies to .hydra/<time> (not over the run's own), then they went again.
+    assert files(stopped) == before and sorted(p.name for p in (stopped / ".hydra").iterdir()) == sorted(
+        ["config.yaml", "hydra.yaml", "overrides.yaml"])
+    assert [p.name for p in (tmp_path / "runs" / "single").iterdir()] == ["2026-01-02"]

@@ -106,3 +106,5 @@ def test_the_command_line_prints_the_message_without_a_traceback(tmp_path):
         "  logger.tracking_uri=http://127.0.0.1:9: the MLflow tracking server does not answer within 5 s "
         "([Errno 111] Connection refused); start it, or unset MLFLOW_TRACKING_URI to use the local store"]
     assert "Traceback" not in done.stderr and not (tmp_path / "mlflow.db").exists()
+    # Hydra made the run folder (its .hydra copies, the log) before the check: gone again, its date folder too.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["single"] and not any((tmp_path / "single").iterdir())
