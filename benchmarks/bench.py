@@ -12,10 +12,11 @@ A is always the alternative, B what the project does (KV cache, bf16, length gro
 what a user would use instead against the project (a bare PyTorch loop vs the Lightning Trainer, Hugging Face's
 `generate` and `Trainer`); for MFU, A is the matmul peak measured in the same run and B the training step.
 
-Comparisons (names for --only): loop, sampling, generate, precision, batching, vocabulary, hf-trainer, scoring,
+Comparisons (names for --only): loop, run, sampling, generate, precision, batching, vocabulary, hf-trainer, scoring,
 memory, mfu. hf-trainer needs `accelerate` (transformers.Trainer does); without it that row is skipped with a note.
 `--quick` shrinks every size so that the whole run takes seconds (the test runs it); the default takes a few
-minutes on 2 cores.
+minutes on 2 cores, plus ~16 for `run` (the default run's whole training, twice: `--run-override
+trainer.max_steps=600` shortens it).
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ import os
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 from pathlib import Path
 
@@ -75,6 +76,8 @@ class Sizes:
     new_tokens: int      # tokens generated per prompt (conf/eval/unconditional.yaml: 64)
     score_texts: int     # texts scored per repetition
     loop_steps: int      # timed steps of each side of the Lightning-vs-bare-loop comparison
+    run: tuple[str, ...] = ()  # overrides of the default run's trainer for the training-phase comparison (none:
+                               # the default run's 2,800 steps, ~16 min on 2 idle cores with the bare side)
 
 
 # A few minutes on 2 idle cores. Sampling without a cache costs prompts x new_tokens^2 (the 50k-vocabulary model is
@@ -82,7 +85,10 @@ class Sizes:
 FULL = Sizes(tweets=None, sentences=16000, repeats=5, batch_size=32, train_pairs=21, prompts=32, prompt_words=4,
              new_tokens=48, score_texts=3000, loop_steps=100)
 QUICK = Sizes(tweets=1500, sentences=600, repeats=3, batch_size=8, train_pairs=3, prompts=8, prompt_words=4,
-              new_tokens=8, score_texts=200, loop_steps=4)
+              new_tokens=8, score_texts=200, loop_steps=4,
+              # 12 steps in epochs of 8 batches, validation (and so a checkpoint) every 6, MLflow at step 10
+              run=("trainer.max_steps=12", "trainer.limit_train_batches=8", "trainer.val_check_interval=6",
+                   "trainer.limit_val_batches=2"))
 
 
 @dataclass(frozen=True)
@@ -620,8 +626,30 @@ def bench_loop(assets: Assets) -> tuple[list[Row], list[str]]:
         [f"loop: both sides trained the same batches: {'yes' if result['same_batches'] else 'NO'}"]
 
 
+def bench_run(assets: Assets) -> tuple[list[Row], list[str]]:
+    from benchmarks.loop import training_phase_vs_bare
+
+    sizes = assets.sizes
+    # The alignment curve is taken out of the training phase (time/curve): not run here at all.
+    overrides = ["eval.curve.every_n_steps=0", *sizes.run]
+    if sizes.tweets is not None:
+        overrides += [f"data.source.limit={sizes.tweets}", "datamodule.progress=false",
+                      f"datamodule.batch_size={sizes.batch_size}"]
+    result = training_phase_vs_bare(overrides)
+    kinds = ", ".join(f"{name} {c['cycles']} x {c['cycle_ms']:.0f} ms ({c['share']:.1%})"
+                      for name, c in result["kinds"].items())
+    return [Row("training phase: A bare PyTorch loop, B the default run's training phase", result["bare"],
+                result["run"], "tokens/s",
+                f"fit as `python -m alignment` runs it (checkpoints, MLflow, progress bar, LR monitor, epochs), "
+                f"net of validation, vs a plain loop, {result['steps']} steps each, interleaved; target >= 0.95")], \
+        [f"run: both sides trained the same batches: {'yes' if result['same_batches'] else 'NO'}",
+         f"run: B's cycles by kind: {kinds}; fit before the first step {result['before']:.1f} s, "
+         f"after the last {result['after']:.1f} s"]
+
+
 BENCHMARKS: dict[str, Callable[[Assets], tuple[list[Row], list[str]]]] = {
     "loop": bench_loop,
+    "run": bench_run,
     "sampling": bench_sampling,
     "generate": bench_generate,
     "precision": bench_precision,
@@ -683,8 +711,11 @@ def main(argv: Sequence[str] | None = None) -> list[Row]:
                         help=f"run only this comparison (repeatable): {', '.join(BENCHMARKS)}")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads (default: torch's own choice, one per core)")
+    parser.add_argument("--run-override", action="append", default=[], metavar="KEY=VALUE",
+                        help="a Hydra override of the `run` comparison's default run (repeatable)")
     args = parser.parse_args(argv)
     sizes = QUICK if args.quick else FULL
+    sizes = replace(sizes, run=(*sizes.run, *args.run_override))
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads or threads)
     try:

@@ -6,6 +6,10 @@ alternate step by step and share the machine's load. Lightning's time for a step
 one bare step and the start of the next -- data loading, the step, clipping, logging (MLflow every
 `log_every_n_steps`), progress bar, other callbacks -- so nothing the Trainer does per step is left out. Rates are
 total tokens over total time (not medians): per-step medians would hide the every-10th-step logging.
+
+`training_phase_vs_bare` widens B to the default run's whole training phase, timed as `time/training` is:
+validation, checkpoints, epochs and the set-up inside `fit` included, and B's cycles classed by what they held
+(benchmarks.steps).
 """
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ import itertools
 import os
 import tempfile
 import time
+from pathlib import Path
 
 import mlflow
 import pytorch_lightning as pl
@@ -23,8 +28,11 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from alignment import CONF_DIR
+from alignment.lifecycle import Guard
 from alignment.module import warmup_then_decay
 from alignment.objectives import MLE
+from alignment.timing import PhaseTimes
+from benchmarks.steps import StepTimes
 
 SEED = 0
 
@@ -89,6 +97,43 @@ def rate(measurements: list[tuple[int, float]]) -> float:
     return sum(t for t, _ in measurements) / sum(s for _, s in measurements)
 
 
+def _bench_config(folder: str, overrides: list[str]) -> DictConfig:
+    """The default config with `overrides`, every output (MLflow store, checkpoints) under `folder`."""
+    return default_config(*overrides, f"paths.mlflow_uri=sqlite:///{folder}/mlflow.db",
+                          f"paths.mlflow_artifacts={folder}/mlartifacts", f"trainer.default_root_dir={folder}",
+                          f"callbacks.checkpoint.dirpath={folder}/checkpoints")
+
+
+def _twins(cfg: DictConfig, total_steps: int):
+    """The datamodule, the LightningModule and a bare loop on an identical copy of its model, as a run builds them."""
+    pl.seed_everything(SEED)
+    datamodule = instantiate(cfg.datamodule)
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    torch.manual_seed(SEED)
+    model = instantiate(cfg.module.model)(datamodule.tokenizer, datamodule.task.control_tokens)  # as in a run
+    bare = BareLoop(copy.deepcopy(model), cfg, total_steps)
+    module = instantiate(cfg.module, model=lambda *_: model, objective=MLE())
+    return datamodule, module, bare
+
+
+def _fit(trainer: pl.Trainer, module, datamodule) -> None:
+    # Lightning's MLflow logger sets the process's tracking URI (and MLFLOW_TRACKING_URI): put it back afterwards.
+    previous_uri = os.environ.get("MLFLOW_TRACKING_URI")
+    try:
+        trainer.fit(module, datamodule=datamodule)
+    finally:
+        mlflow.set_tracking_uri(previous_uri)
+
+
+def _trainer(cfg: DictConfig, callbacks: list[pl.Callback]) -> pl.Trainer:
+    return instantiate(cfg.trainer, logger=instantiate(cfg.logger), callbacks=callbacks)
+
+
+def _config_callbacks(cfg: DictConfig) -> list[pl.Callback]:
+    return [instantiate(c) for c in cfg.callbacks.values() if c and "_target_" in c]
+
+
 def lightning_vs_bare(overrides: list[str], steps: int, warmup: int = 3) -> dict:
     """Train `steps` Lightning steps and as many bare ones, interleaved; return both rates (tokens/s), the number
     of timed steps, and whether both sides trained the same batches (the same real tokens step by step).
@@ -97,30 +142,58 @@ def lightning_vs_bare(overrides: list[str], steps: int, warmup: int = 3) -> dict
     callbacks, precision and clipping. Validation is switched off: this compares training steps only.
     """
     with tempfile.TemporaryDirectory() as folder:
-        cfg = default_config(*overrides, f"paths.mlflow_uri=sqlite:///{folder}/mlflow.db",
-                             f"paths.mlflow_artifacts={folder}/mlartifacts", f"trainer.default_root_dir={folder}",
-                             f"callbacks.checkpoint.dirpath={folder}/checkpoints",
-                             f"trainer.max_steps={steps + warmup}", "trainer.limit_val_batches=0")
-        pl.seed_everything(SEED)
-        datamodule = instantiate(cfg.datamodule)
-        datamodule.prepare_data()
-        datamodule.setup("fit")
-        torch.manual_seed(SEED)
-        model = instantiate(cfg.module.model)(datamodule.tokenizer, datamodule.task.control_tokens)  # as in a run
-        twin = copy.deepcopy(model)
-        module = instantiate(cfg.module, model=lambda *_: model, objective=MLE())
+        cfg = _bench_config(folder, [*overrides, f"trainer.max_steps={steps + warmup}", "trainer.limit_val_batches=0"])
+        datamodule, module, bare = _twins(cfg, steps + warmup)
         # Its own loader over the same data: the sampler's seed gives it the same batches in the same order.
-        bare_batches = itertools.cycle(datamodule.train_dataloader())
-        interleave = Interleave(BareLoop(twin, cfg, steps + warmup), bare_batches, warmup)
-        callbacks = [interleave] + [instantiate(c) for c in cfg.callbacks.values() if c and "_target_" in c]
-        logger = instantiate(cfg.logger)
-        trainer = instantiate(cfg.trainer, logger=logger, callbacks=callbacks)
-        # Lightning's MLflow logger sets the process's tracking URI (and MLFLOW_TRACKING_URI): put it back afterwards.
-        previous_uri = os.environ.get("MLFLOW_TRACKING_URI")
-        try:
-            trainer.fit(module, datamodule=datamodule)
-        finally:
-            mlflow.set_tracking_uri(previous_uri)
+        interleave = Interleave(bare, itertools.cycle(datamodule.train_dataloader()), warmup)
+        _fit(_trainer(cfg, [interleave, *_config_callbacks(cfg)]), module, datamodule)
     tokens = [t for t, _ in interleave.lightning], [t for t, _ in interleave.plain]
     return {"lightning": rate(interleave.lightning), "bare": rate(interleave.plain),
             "steps": len(interleave.lightning), "same_batches": tokens[0] == tokens[1]}
+
+
+def epochs(loader, limit: int | float = 1.0):
+    """A loader's batches epoch after epoch, each epoch in its sampler's order for that epoch (as Lightning calls
+    `set_epoch`; `itertools.cycle` would repeat the first epoch's batches) and cut as `trainer.limit_train_batches`
+    cuts it (an int: batches, a float: a share)."""
+    per_epoch = limit if isinstance(limit, int) else int(len(loader) * limit)
+    for epoch in itertools.count():
+        loader.sampler.set_epoch(epoch)
+        yield from itertools.islice(loader, per_epoch)
+
+
+class BareAfterEach(pl.Callback):
+    """After each Lightning step, one bare step on the next batch of its own loader, booked apart by the run's
+    PhaseTimes (as `bare`) so that the training phase's time is net of it."""
+
+    def __init__(self, bare: BareLoop, batches, phases: PhaseTimes):
+        self.bare, self.batches, self.phases = bare, batches, phases
+        self.tokens: list[tuple[int, int]] = []  # (Lightning's, bare) real tokens per step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        with self.phases.phase("bare"):
+            self.tokens.append((int(batch["attention_mask"].sum()), self.bare.step(next(self.batches))))
+
+
+def training_phase_vs_bare(overrides: list[str]) -> dict:
+    """The default run's training phase against a bare loop, interleaved step by step in one `fit`: B is `fit` as
+    `python -m alignment` runs it -- default callbacks (checkpoints, LR monitor), MLflow logger, progress bar,
+    `Guard`, `PhaseTimes`, epochs, `trainer.max_steps` steps -- timed as `time/training` is (validation and the
+    alignment curve taken out, and here the bare steps too); A is the bare steps, their loading and collating
+    included. Returns both rates (real tokens/s), the steps, whether both trained the same batches, and B's cycles
+    by kind (benchmarks.steps.StepTimes).
+    """
+    with tempfile.TemporaryDirectory() as folder:
+        cfg = _bench_config(folder, overrides)
+        datamodule, module, bare = _twins(cfg, int(cfg.trainer.max_steps))
+        phases, step_times = PhaseTimes(), StepTimes(show=False)  # the bench prints its own table
+        batches = epochs(datamodule.train_dataloader(), cfg.trainer.limit_train_batches)
+        interleave = BareAfterEach(bare, batches, phases)
+        trainer = _trainer(cfg, [*_config_callbacks(cfg), Guard(Path(folder)), phases, interleave, step_times])
+        phases.lap("set-up")  # as a run's: training is `fit` alone
+        _fit(trainer, module, datamodule)
+        phases.lap("training")
+    tokens = sum(t for t, _ in interleave.tokens)
+    return {"run": tokens / phases.seconds["training"], "bare": tokens / phases.seconds["bare"],
+            "steps": len(interleave.tokens), "same_batches": all(a == b for a, b in interleave.tokens),
+            "kinds": step_times.classes(), "before": step_times.before, "after": step_times.after}

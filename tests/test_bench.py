@@ -31,6 +31,7 @@ from benchmarks.bench import (
 ACCELERATE = importlib.util.find_spec("accelerate") is not None  # transformers.Trainer's; dev installs it
 EXPECTED_ROWS = [  # (start of the name, unit), in the printed order
     ("training", "tokens/s"),  # the Lightning Trainer vs a bare loop
+    ("training phase", "tokens/s"),  # the default run's training phase vs a bare loop
     ("sampling", "tokens/s"),
     ("sampling", "tokens/s"),  # generate
     ("guided sampling", "tokens/s"),
@@ -77,6 +78,10 @@ def test_quick_run_prints_every_row_with_consistent_ratios(runs_dir, capsys):
     assert re.search(r"greedy decoding gave the same token as the project's sampler at 100.0% of [1-9]", printed)
     assert ACCELERATE or "hf-trainer: skipped" in printed
     assert "loop: both sides trained the same batches: yes" in printed
+    # 12 steps in epochs of 8 batches, a checkpoint after the validations at steps 6 and 12, MLflow at step 10.
+    assert "run: both sides trained the same batches: yes" in printed
+    assert re.search(r"run: B's cycles by kind: first 1 x .*checkpoint 2 x .*epoch 1 x .*logging 1 x .*ordinary 7 x",
+                     printed)
     assert re.search(r"MFU [0-9.]+% fp32, [0-9.]+% bf16", printed)
 
 
