@@ -3,6 +3,7 @@ then the token shards concatenated into the dataset folder (one file per split a
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from collections import Counter
 from dataclasses import dataclass
@@ -22,6 +23,8 @@ from alignment.data.shards import (
     held_out,
 )
 from alignment.task import Task
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -51,6 +54,7 @@ def tag_and_encode(work: WorkFolder, index: int, corpus_totals: dict, plan, reso
     """Pass 2 on raw shard `index`: its token shard (written once; a resumed build keeps it). Returns its counts."""
     folder = work.tokens(index)
     if folder.exists():
+        log.info("Token shard %d: kept from an interrupted build", index)
         return json.loads((folder / "counts.json").read_text())
     raw = RawShard.load(work.raw(index))
     first = first_document(corpus_totals, index)
