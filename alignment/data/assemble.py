@@ -116,10 +116,15 @@ def filter_training(corpus: Corpus, combined: np.ndarray, threshold: float | Non
     return keep_doc, filtered
 
 
-def encode(tokenizer, sentences: list[str], joiner: str) -> tuple[list[list[int]], list[list[int]]]:
-    """Token ids of each sentence alone (a sequence's first) and after `joiner` (the ones that follow)."""
-    ids = tokenizer(sentences, add_special_tokens=False)["input_ids"]
-    spaced = tokenizer([joiner + s for s in sentences], add_special_tokens=False)["input_ids"]
+def encode(tokenizer, sentences: list[str], joiner: str, batch: int = 4096) -> tuple[list[list[int]], list[list[int]]]:
+    """Token ids of each sentence alone (a sequence's first) and after `joiner` (the ones that follow). In batches:
+    a fast tokenizer's output keeps every token's string and offsets too, several times the ids' memory."""
+    ids, spaced = [], []
+    for start in range(0, len(sentences), batch):
+        texts = sentences[start:start + batch]
+        ids += tokenizer(texts, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+        spaced += tokenizer([joiner + s for s in texts], add_special_tokens=False,
+                            return_attention_mask=False)["input_ids"]
     return ids, spaced
 
 

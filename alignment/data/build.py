@@ -59,13 +59,7 @@ def build(data: DictConfig, task: Task, tagging: bool, filter_threshold, tokeniz
     document -> scores, shard by shard; resolve takes the thresholds and trains the tokenizer; pass 2 levels ->
     filters -> tags -> encodes -> assembles, shard by shard; the splits are then written one file each."""
     cache_dir = Path(cache_dir)
-    key_cfg = {name: OmegaConf.to_container(c, resolve=True) for name, c in
-               dict(data=data, tokenizer=tokenizer_cfg).items()}
-    # The shard size changes how the build runs, not what it writes (one shard or many give the same bytes).
-    shard_documents = int(key_cfg["data"].pop("shard_documents", None) or 50_000)
-    key_cfg["task"] = task.config
-    key_cfg.update(tagging=bool(tagging), filter_threshold=OmegaConf.to_container(filter_threshold, resolve=True)
-                   if isinstance(filter_threshold, DictConfig) else filter_threshold)
+    key_cfg, shard_documents = dataset_config(data, task, tagging, filter_threshold, tokenizer_cfg)
     folder = cache_dir / "datasets" / dataset_key(key_cfg)
     if (folder / "meta.json").exists():
         log.info("Dataset cache hit: %s", folder)
@@ -78,10 +72,10 @@ def build(data: DictConfig, task: Task, tagging: bool, filter_threshold, tokeniz
         try:
             start_over_if_resharded(work, shard_documents)
             plan = Plan.of(data, task, tagging)
-            corpus = read_and_score(data, task, work, shard_documents, cache_dir, progress)
-            resolved = resolve(work, corpus, plan, filter_threshold, tokenizer_cfg, seed=int(data.seed))
-            counts = [tag_and_encode(work, index, corpus, plan, resolved) for index in range(corpus["shards"])]
-            write_dataset(work, folder, corpus, plan, resolved, counts, key_cfg)
+            totals = read_and_score(data, task, work, shard_documents, cache_dir, progress)
+            resolved = resolve(work, totals, plan, filter_threshold, tokenizer_cfg, seed=int(data.seed))
+            counts = [tag_and_encode(work, index, totals, plan, resolved) for index in range(totals["shards"])]
+            write_dataset(work, folder, totals, plan, resolved, counts, key_cfg)
         except ValueError:  # a corpus or a setting this build cannot use: started again, it would fail the same way
             shutil.rmtree(work.path, ignore_errors=True)
             lock.unlink()
@@ -90,6 +84,18 @@ def build(data: DictConfig, task: Task, tagging: bool, filter_threshold, tokeniz
         shutil.rmtree(work.path)
         lock.unlink()
     return folder
+
+
+def dataset_config(data: DictConfig, task: Task, tagging: bool, filter_threshold, tokenizer_cfg: DictConfig):
+    """Everything that shapes the dataset (its cache key), and the shard size (None: one shard), which does not:
+    one shard or many give the same bytes."""
+    key_cfg = {name: OmegaConf.to_container(c, resolve=True) for name, c in
+               dict(data=data, tokenizer=tokenizer_cfg).items()}
+    shard_documents = key_cfg["data"].pop("shard_documents", None)
+    key_cfg["task"] = task.config
+    key_cfg.update(tagging=bool(tagging), filter_threshold=OmegaConf.to_container(filter_threshold, resolve=True)
+                   if isinstance(filter_threshold, DictConfig) else filter_threshold)
+    return key_cfg, shard_documents
 
 
 @dataclass
@@ -101,7 +107,6 @@ class Plan:
     layout: str
     joiner: str
     max_tokens: int | None
-    val_fraction: float
 
     @classmethod
     def of(cls, data: DictConfig, task: Task, tagging: bool) -> "Plan":
@@ -113,16 +118,17 @@ class Plan:
         joiner = data.get("joiner")
         if joiner is None:
             joiner = "\n" if data.sentences.get("kind") == "code" else " "
-        return cls(task, bool(tagging), layout, joiner, data.get("max_tokens"), float(data.val_fraction))
+        return cls(task, bool(tagging), layout, joiner, data.get("max_tokens"))
 
     @property
     def control_tokens(self) -> list[str]:
         return self.task.control_tokens if self.tagging else []
 
 
-def start_over_if_resharded(work: WorkFolder, shard_documents: int) -> None:
+def start_over_if_resharded(work: WorkFolder, shard_documents: int | None) -> None:
     """Shards of an interrupted build are kept only if cut at the same size."""
-    if (work.read_json("plan.json") or {}).get("shard_documents") not in (None, shard_documents):
+    before = work.read_json("plan.json")
+    if before is not None and before["shard_documents"] != shard_documents:
         log.info("Discarding the interrupted build in %s: it was cut in shards of another size", work.path)
         shutil.rmtree(work.path)
     work.write_json("plan.json", {"shard_documents": shard_documents})
@@ -131,7 +137,7 @@ def start_over_if_resharded(work: WorkFolder, shard_documents: int) -> None:
 # ----------------------------------------------------------------------------------------------
 # Pass 1: read -> clean/split -> split by document -> score, one raw shard per chunk of documents
 
-def read_and_score(data: DictConfig, task: Task, work: WorkFolder, shard_documents: int, cache_dir: Path,
+def read_and_score(data: DictConfig, task: Task, work: WorkFolder, shard_documents: int | None, cache_dir: Path,
                    progress: bool) -> dict:
     """Write the raw shards; return the corpus's totals. A resumed build reads and cleans the corpus again (a source
     cannot seek, and dedupe must see every earlier sentence) but keeps, unscored, every shard already written."""
@@ -139,7 +145,7 @@ def read_and_score(data: DictConfig, task: Task, work: WorkFolder, shard_documen
     if done is not None:
         return done
     source, sentencizer = instantiate(data.source), instantiate(data.sentences)
-    log.info("Reading documents from %s in shards of %d documents", type(source).__name__, shard_documents)
+    log.info("Reading documents from %s in shards of %s documents", type(source).__name__, shard_documents or "all")
     start, shards = time.perf_counter(), []
     split_draws = np.random.PCG64(int(data.seed)).state
     documents = sentencizer(source())
@@ -161,12 +167,12 @@ def read_and_score(data: DictConfig, task: Task, work: WorkFolder, shard_documen
         raise ValueError(
             f"The corpus is empty after cleaning and filtering ({sentencizer.stats}). Check data.source "
             f"(does it point at any text?) and loosen data.sentences (e.g. data.sentences.min_words).")
-    corpus = {"shards": len(shards), "per_shard": shards, "documents": sum(s["documents"] for s in shards),
+    totals = {"shards": len(shards), "per_shard": shards, "documents": sum(s["documents"] for s in shards),
               "sentences": sum(s["sentences"] for s in shards), "sentence_stats": dict(sentencizer.stats)}
-    log.info("Read %d documents, %d sentences kept, in %.1f s", corpus["documents"], corpus["sentences"],
+    log.info("Read %d documents, %d sentences kept, in %.1f s", totals["documents"], totals["sentences"],
              time.perf_counter() - start)
-    work.write_json("raw/done.json", corpus)
-    return corpus
+    work.write_json("raw/done.json", totals)
+    return totals
 
 
 def score(task: Task, sentences: list[str], documents: list[dict], cache: ScoreCache, progress: bool):
@@ -197,12 +203,12 @@ class Resolved:
     tokenizer: object
 
 
-def resolve(work: WorkFolder, corpus: dict, plan: Plan, filter_threshold, tokenizer_cfg: DictConfig,
+def resolve(work: WorkFolder, totals: dict, plan: Plan, filter_threshold, tokenizer_cfg: DictConfig,
             seed: int) -> Resolved:
     saved = work.read_json("resolved/resolved.json")
     if saved is None:
         with atomic_folder(work.resolved) as tmp:
-            saved = resolve_from_shards(work, corpus, plan, filter_threshold, tokenizer_cfg, seed, tmp)
+            saved = resolve_from_shards(work, totals, plan, filter_threshold, tokenizer_cfg, seed, tmp)
             (tmp / "resolved.json").write_text(json.dumps(saved, indent=2))
     task = plan.task
     attributes = {name: replace(a, thresholds=saved["thresholds"][name]) for name, a in task.attributes.items()}
@@ -211,23 +217,23 @@ def resolve(work: WorkFolder, corpus: dict, plan: Plan, filter_threshold, tokeni
                     saved["val_document"], saved["tag_draws"], tokenizer)
 
 
-def resolve_from_shards(work: WorkFolder, corpus: dict, plan: Plan, filter_threshold, tokenizer_cfg: DictConfig,
+def resolve_from_shards(work: WorkFolder, totals: dict, plan: Plan, filter_threshold, tokenizer_cfg: DictConfig,
                         seed: int, out: Path) -> dict:
-    n_docs, task = corpus["documents"], plan.task
+    n_docs, task = totals["documents"], plan.task
     # The fallback of a split that held out no document or all of them: one held-out document, drawn after the
     # split's draws (as the in-memory build did), then the tag draws.
     generator = np.random.PCG64(seed).advance(n_docs)
-    any_val = any(RawShard.load(work.raw(i)).is_val.any() for i in range(corpus["shards"]))
-    all_val = all(RawShard.load(work.raw(i)).is_val.all() for i in range(corpus["shards"]))
+    any_val = any(RawShard.load(work.raw(i)).is_val.any() for i in range(totals["shards"]))
+    all_val = all(RawShard.load(work.raw(i)).is_val.all() for i in range(totals["shards"]))
     val_document = None
     if all_val or not any_val:
         if n_docs == 1:
             raise ValueError("The corpus has a single document: need at least two to hold out a validation split")
         rng = np.random.Generator(generator)
         val_document = int(rng.integers(n_docs))
-    n_train = sum(int((~is_val[raw.doc_of]).sum()) for raw, is_val, _ in train_shards(work, corpus, task, val_document))
+    n_train = sum(int((~is_val[raw.doc_of]).sum()) for raw, is_val, _ in train_shards(work, totals, task, val_document))
     samples, lowest, taken = {name: [] for name in [*task.attributes, "combined"]}, np.inf, 0
-    for raw, is_val, combined in train_shards(work, corpus, task, val_document):
+    for raw, is_val, combined in train_shards(work, totals, task, val_document):
         train = ~is_val[raw.doc_of]
         keep = systematic_sample(np.arange(taken, taken + int(train.sum())), n_train, QUANTILE_SAMPLE)
         taken += int(train.sum())
@@ -242,7 +248,7 @@ def resolve_from_shards(work: WorkFolder, corpus: dict, plan: Plan, filter_thres
         raise ValueError(f"filter_threshold={filter_threshold} (= {threshold:.4g}) removes every training "
                          f"document; raise it (e.g. objective.filter_threshold={{quantile: 0.9}})")
     tokenizer = load_tokenizer(**OmegaConf.to_container(tokenizer_cfg, resolve=True),
-                               texts=training_sentences(work, corpus, val_document))
+                               texts=training_sentences(work, totals, val_document))
     add_control_tokens(tokenizer, plan.control_tokens)
     tokenizer.save_pretrained(out / "tokenizer")
     return {"thresholds": {name: a.thresholds for name, a in resolved.attributes.items()},
@@ -268,17 +274,17 @@ def lowest_kept(raw: RawShard, is_val: np.ndarray, combined: np.ndarray, layout:
     return float(values.min()) if len(values) else np.inf
 
 
-def train_shards(work: WorkFolder, corpus: dict, task: Task, val_document: int | None):
+def train_shards(work: WorkFolder, totals: dict, task: Task, val_document: int | None):
     """Per raw shard (one in memory at a time): the shard, its documents' validation flags and its sentences'
     combined misalignment."""
-    for index in range(corpus["shards"]):
+    for index in range(totals["shards"]):
         raw = RawShard.load(work.raw(index))
-        yield raw, held_out(raw, first_document(corpus, index), val_document), task.combined_misalignment(raw.scores)
+        yield raw, held_out(raw, first_document(totals, index), val_document), task.combined_misalignment(raw.scores)
 
 
-def training_sentences(work: WorkFolder, corpus: dict, val_document: int | None):
+def training_sentences(work: WorkFolder, totals: dict, val_document: int | None):
     """The training sentences, read shard by shard (the tokenizer trains on them as a stream)."""
-    for index in range(corpus["shards"]):
+    for index in range(totals["shards"]):
         raw = RawShard.load(work.raw(index))
-        train = ~held_out(raw, first_document(corpus, index), val_document)[raw.doc_of]
+        train = ~held_out(raw, first_document(totals, index), val_document)[raw.doc_of]
         yield from (s for s, keep in zip(raw.sentences(), train) if keep)
