@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from hydra.utils import instantiate
 
+from alignment.data.build import systematic_sample
 from alignment.data.datamodule import PackedDataset
 from alignment.data.shards import SPLIT_PARTS, SPLITS, DrawStream, Split
 from tests.conftest import compose_config
@@ -74,6 +75,14 @@ def test_draw_stream_cuts_one_generators_draws_at_any_offset():
     after_split = np.random.PCG64(42).advance(10).state
     shard = DrawStream(after_split, start=6, block=10)
     assert np.array_equal(shard.random(4), whole[16:20]) and np.array_equal(shard.random(4), whole[26:30])
+
+
+def test_systematic_sample_takes_evenly_spaced_items_whatever_the_shards():
+    # 10 items, 4 taken: item i when floor(4i / 10) steps up before i + 1, i.e. items 2, 4, 7 and 9.
+    assert np.flatnonzero(systematic_sample(np.arange(10), 10, 4)).tolist() == [2, 4, 7, 9]
+    pieces = [systematic_sample(np.arange(a, b), 10, 4) for a, b in ((0, 3), (3, 8), (8, 10))]
+    assert np.concatenate(pieces).tolist() == systematic_sample(np.arange(10), 10, 4).tolist()
+    assert systematic_sample(np.arange(5), 5, 5).all()  # no more than the sample: every one, exact quantiles
 
 
 def test_packed_dataset_equals_the_materialised_stream(tmp_path):

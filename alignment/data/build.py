@@ -219,18 +219,40 @@ def resolve(work: WorkFolder, totals: dict, plan: Plan, filter_threshold, tokeni
 
 def resolve_from_shards(work: WorkFolder, totals: dict, plan: Plan, filter_threshold, tokenizer_cfg: DictConfig,
                         seed: int, out: Path) -> dict:
-    n_docs, task = totals["documents"], plan.task
-    # The fallback of a split that held out no document or all of them: one held-out document, drawn after the
-    # split's draws (as the in-memory build did), then the tag draws.
-    generator = np.random.PCG64(seed).advance(n_docs)
-    any_val = any(RawShard.load(work.raw(i)).is_val.any() for i in range(totals["shards"]))
-    all_val = all(RawShard.load(work.raw(i)).is_val.all() for i in range(totals["shards"]))
-    val_document = None
-    if all_val or not any_val:
-        if n_docs == 1:
-            raise ValueError("The corpus has a single document: need at least two to hold out a validation split")
-        rng = np.random.Generator(generator)
-        val_document = int(rng.integers(n_docs))
+    """Thresholds, the split's fallback and the tokenizer (saved into `out`), as JSON."""
+    val_document, tag_draws = split_fallback(work, totals, seed)
+    samples, lowest = training_scores(work, totals, plan, val_document)
+    # The task's own threshold in float32, the units of the per-token scores the objectives compare it with.
+    task = plan.task.resolve(samples, samples["combined"].astype(np.float32))
+    threshold = None if filter_threshold is None else resolve_threshold(filter_threshold, samples["combined"])
+    if threshold is not None and not lowest <= threshold:
+        raise ValueError(f"filter_threshold={filter_threshold} (= {threshold:.4g}) removes every training "
+                         f"document; raise it (e.g. objective.filter_threshold={{quantile: 0.9}})")
+    tokenizer = load_tokenizer(**OmegaConf.to_container(tokenizer_cfg, resolve=True),
+                               texts=training_sentences(work, totals, val_document))
+    add_control_tokens(tokenizer, plan.control_tokens)
+    tokenizer.save_pretrained(out / "tokenizer")
+    return {"thresholds": {name: a.thresholds for name, a in task.attributes.items()}, "threshold": task.threshold,
+            "filter_threshold": threshold, "val_document": val_document, "tag_draws": tag_draws}
+
+
+def split_fallback(work: WorkFolder, totals: dict, seed: int) -> tuple[int | None, dict]:
+    """When the split's draws held out no document or all of them: the one document held out instead, drawn after
+    the split's draws (as the in-memory build did). And the bit-generator state the tag draws start from."""
+    n_docs, generator = totals["documents"], np.random.PCG64(seed).advance(totals["documents"])
+    flags = [RawShard.load(work.raw(i)).is_val for i in range(totals["shards"])]
+    if any(f.any() for f in flags) and not all(f.all() for f in flags):
+        return None, generator.state
+    if n_docs == 1:
+        raise ValueError("The corpus has a single document: need at least two to hold out a validation split")
+    return int(np.random.Generator(generator).integers(n_docs)), generator.state
+
+
+def training_scores(work: WorkFolder, totals: dict, plan: Plan, val_document: int | None):
+    """The training sentences' scores per attribute and combined (all of them, or a systematic sample of
+    QUANTILE_SAMPLE), and the lowest misalignment a filter sees (`lowest_kept`)."""
+    task = plan.task
+    # Two reads of the shards, one at a time: the sample's spacing needs the number of training sentences first.
     n_train = sum(int((~is_val[raw.doc_of]).sum()) for raw, is_val, _ in train_shards(work, totals, task, val_document))
     samples, lowest, taken = {name: [] for name in [*task.attributes, "combined"]}, np.inf, 0
     for raw, is_val, combined in train_shards(work, totals, task, val_document):
@@ -240,20 +262,7 @@ def resolve_from_shards(work: WorkFolder, totals: dict, plan: Plan, filter_thres
         for name, values in [*raw.scores.items(), ("combined", combined)]:
             samples[name].append(values[train][keep])
         lowest = min(lowest, lowest_kept(raw, is_val, combined, plan.layout))
-    samples = {name: np.concatenate(parts) for name, parts in samples.items()}
-    # The task's own threshold in float32, the units of the per-token scores the objectives compare it with.
-    resolved = task.resolve(samples, samples["combined"].astype(np.float32))
-    threshold = None if filter_threshold is None else resolve_threshold(filter_threshold, samples["combined"])
-    if threshold is not None and not lowest <= threshold:
-        raise ValueError(f"filter_threshold={filter_threshold} (= {threshold:.4g}) removes every training "
-                         f"document; raise it (e.g. objective.filter_threshold={{quantile: 0.9}})")
-    tokenizer = load_tokenizer(**OmegaConf.to_container(tokenizer_cfg, resolve=True),
-                               texts=training_sentences(work, totals, val_document))
-    add_control_tokens(tokenizer, plan.control_tokens)
-    tokenizer.save_pretrained(out / "tokenizer")
-    return {"thresholds": {name: a.thresholds for name, a in resolved.attributes.items()},
-            "threshold": resolved.threshold, "filter_threshold": threshold, "val_document": val_document,
-            "tag_draws": generator.state}
+    return {name: np.concatenate(parts) for name, parts in samples.items()}, lowest
 
 
 def systematic_sample(index: np.ndarray, total: int, size: int) -> np.ndarray:
