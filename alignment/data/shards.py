@@ -170,26 +170,32 @@ def first_document(corpus: dict, index: int) -> int:
 
 
 def concatenate_splits(shards: list[Path], folder: Path) -> dict[str, int]:
-    """Each split of the token shards as one file per part, preallocated once the totals are known and filled
-    shard by shard (one shard in memory at a time); the offsets shifted by the tokens before. Returns each split's
-    examples."""
+    """Each split of the token shards as one .npy file per part (the bytes `np.save` writes for the whole array),
+    appended shard by shard with plain writes: one shard in memory at a time, and no mapped pages, which would count
+    as the process's memory. The offsets are shifted by the tokens before. Returns each split's examples."""
     examples = {}
     for name in SPLITS:
-        parts = [Split.load(shard, name, mmap=True) for shard in shards]
-        n_tokens, n_examples = sum(len(p.tokens) for p in parts), sum(len(p) for p in parts)
-        out = {part: np.lib.format.open_memmap(folder / f"{name}_{part}.npy", mode="w+", dtype=dtype, shape=(n,))
-               for part, dtype, n in (("tokens", np.int32, n_tokens), ("scores", np.float32, n_tokens),
-                                      ("offsets", np.int64, n_examples + 1))}
-        out["offsets"][0] = 0
-        token_at, example_at = 0, 0
-        for part in parts:
-            out["tokens"][token_at:token_at + len(part.tokens)] = part.tokens
-            out["scores"][token_at:token_at + len(part.tokens)] = part.scores
-            out["offsets"][example_at + 1:example_at + len(part) + 1] = part.offsets[1:] + token_at
-            token_at, example_at = token_at + len(part.tokens), example_at + len(part)
-        for array in out.values():
-            array.flush()
-        del out, parts
+        # The mapped loads read only the headers: the totals, for the headers written first.
+        sizes = [(len(s.tokens), len(s)) for s in (Split.load(shard, name, mmap=True) for shard in shards)]
+        n_tokens, n_examples = sum(t for t, _ in sizes), sum(e for _, e in sizes)
+        files = {part: open(folder / f"{name}_{part}.npy", "wb") for part in SPLIT_PARTS}
+        try:
+            for part, dtype, n in (("tokens", np.int32, n_tokens), ("scores", np.float32, n_tokens),
+                                   ("offsets", np.int64, n_examples + 1)):
+                header = {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False,
+                          "shape": (n,)}
+                np.lib.format.write_array_header_1_0(files[part], header)
+            files["offsets"].write(np.zeros(1, np.int64).tobytes())
+            token_at = 0
+            for shard in shards:
+                split = Split.load(shard, name)
+                files["tokens"].write(split.tokens.astype(np.int32).tobytes())
+                files["scores"].write(split.scores.astype(np.float32).tobytes())
+                files["offsets"].write((split.offsets[1:] + token_at).astype(np.int64).tobytes())
+                token_at += len(split.tokens)
+        finally:
+            for f in files.values():
+                f.close()
         examples[name] = n_examples
     return examples
 
