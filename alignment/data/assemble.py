@@ -50,55 +50,68 @@ class Corpus:
         return np.split(np.arange(len(self.sentences)), np.cumsum(self.doc_lengths)[:-1])
 
 
-def tag_and_encode(work: WorkFolder, index: int, corpus_totals: dict, plan, resolved) -> dict:
-    """Pass 2 on raw shard `index`: its token shard (written once; a resumed build keeps it). Returns its counts."""
+def tag_and_encode(work: WorkFolder, index: int, totals: dict, plan, resolved) -> dict:
+    """Pass 2 on raw shard `index`: levels -> filter -> tag -> encode -> assemble, written as its token shard (once:
+    a resumed build keeps it). Returns the shard's counts, which the dataset's statistics add up."""
     folder = work.tokens(index)
     if folder.exists():
         log.info("Token shard %d: kept from an interrupted build", index)
         return json.loads((folder / "counts.json").read_text())
     raw = RawShard.load(work.raw(index))
-    first = first_document(corpus_totals, index)
-    corpus = Corpus(list(raw.sentences()), raw.doc_lengths, held_out(raw, first, resolved.val_document))
+    corpus = Corpus(list(raw.sentences()), raw.doc_lengths,
+                    held_out(raw, first_document(totals, index), resolved.val_document))
     task, tokenizer, scores = resolved.task, resolved.tokenizer, raw.scores
     combined = task.combined_misalignment(scores)
     levels = {name: a.levels(scores[name]) for name, a in task.attributes.items()}
     keep_doc, filtered = filter_training(corpus, combined, resolved.filter_threshold, plan.layout)
+    unit_levels = levels if task.placement == "sentence" else document_levels(task, scores, corpus)
+    prefixes = tag(unit_levels, index, totals, plan, resolved)
     ids, spaced = encode(tokenizer, corpus.sentences, joiner=plan.joiner)
     too_long = np.array([plan.max_tokens is not None and len(x) > plan.max_tokens for x in ids], dtype=bool)
-    placement = task.placement
-    unit_levels = levels if placement == "sentence" else document_levels(task, scores, corpus)
-    prefixes = None
-    if plan.tagging and task.tagged:
-        # The tag draws of this shard's units, out of the corpus-wide stream (see DrawStream).
-        before = sum(s["sentences"] for s in corpus_totals["per_shard"][:index]) if placement == "sentence" else first
-        units = corpus_totals["sentences"] if placement == "sentence" else corpus_totals["documents"]
-        prefixes = task.tag_prefixes(unit_levels, DrawStream(resolved.tag_draws, before, block=units))
-    control_ids = {t: tokenizer.convert_tokens_to_ids(t) for t in plan.control_tokens}
-    assemble = dict(corpus=corpus, ids=ids, spaced=spaced, scores=combined, layout=plan.layout, placement=placement,
-                    dropped=too_long | filtered, eos=tokenizer.eos_token_id, token_ids=control_ids)
+    assemble = dict(corpus=corpus, ids=ids, spaced=spaced, scores=combined, layout=plan.layout,
+                    placement=task.placement, dropped=too_long | filtered, eos=tokenizer.eos_token_id,
+                    token_ids={t: tokenizer.convert_tokens_to_ids(t) for t in plan.control_tokens})
     splits = {"train": assemble_split(~corpus.is_val & keep_doc, prefixes, **assemble),
               "val": assemble_split(corpus.is_val, prefixes, **assemble),
               "val_untagged": assemble_split(corpus.is_val, None, **assemble)}
     train = corpus.train_mask
-    unit_is_train = train if placement == "sentence" else ~corpus.is_val
     counts = {
         "sentences_too_long": int(too_long.sum()), "filtered_documents": int((~keep_doc).sum()),
         "filtered_sentences": int(filtered.sum()), "train_sentences": int(train.sum()),
         "levels": {name: np.bincount(levels[name][train], minlength=len(a.tokens)).tolist()
                    for name, a in task.attributes.items()},
-        "units": len(train) if placement == "sentence" else len(corpus.is_val),
+        "units": len(next(iter(unit_levels.values()))),
         "untagged": None if prefixes is None else sum(len(p) == 0 for p in prefixes),
-        "level_counts": level_counts(task, unit_levels, unit_is_train) if plan.tagging else {},
+        "level_counts": level_counts(task, unit_levels, train if task.placement == "sentence" else ~corpus.is_val)
+        if plan.tagging else {},
         **{f"{name}_tokens": len(split.tokens) for name, split in splits.items()},
     }
+    val_sentences = [{"text": corpus.sentences[i], **{n: int(levels[n][i]) for n in levels}}
+                     for i in np.flatnonzero(~train)]
+    write_token_shard(folder, splits, val_sentences, counts)
+    return counts
+
+
+def tag(unit_levels: dict[str, np.ndarray], index: int, totals: dict, plan, resolved) -> list[list[str]] | None:
+    """The control tokens of each unit (sentence or document) of shard `index`, None when the objective does not
+    tag. The draws that drop tags are this shard's units' part of the corpus-wide stream (see DrawStream)."""
+    task = resolved.task
+    if not (plan.tagging and task.tagged):
+        return None
+    if task.placement == "sentence":
+        before, units = sum(s["sentences"] for s in totals["per_shard"][:index]), totals["sentences"]
+    else:
+        before, units = first_document(totals, index), totals["documents"]
+    return task.tag_prefixes(unit_levels, DrawStream(resolved.tag_draws, before, block=units))
+
+
+def write_token_shard(folder: Path, splits: dict[str, Split], val_sentences: list[dict], counts: dict) -> None:
     with atomic_folder(folder) as tmp:
         for name, split in splits.items():
             split.save(tmp, name)
         with open(tmp / "val_sentences.jsonl", "w") as f:
-            for i in np.flatnonzero(~train):
-                f.write(json.dumps({"text": corpus.sentences[i], **{n: int(levels[n][i]) for n in levels}}) + "\n")
+            f.writelines(json.dumps(sentence) + "\n" for sentence in val_sentences)
         (tmp / "counts.json").write_text(json.dumps(counts))
-    return counts
 
 
 def filter_training(corpus: Corpus, combined: np.ndarray, threshold: float | None, layout: str):
