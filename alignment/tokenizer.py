@@ -75,9 +75,9 @@ def train_bpe(texts: Iterable[str], vocab_size: int, eos_token: str = EOS_TOKEN)
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    texts = list(texts)
-    log.info("Training a %d-token BPE tokenizer on %d texts", vocab_size, len(texts))
+    log.info("Training a %d-token BPE tokenizer", vocab_size)
     start = time.perf_counter()
+    # `texts` may be an iterator: it streams, so a corpus larger than memory trains (tokenizers keeps word counts).
     backend.train_from_iterator(texts, trainer)
     log.info("Trained the BPE tokenizer in %.1f s", time.perf_counter() - start)
     return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=eos_token, bos_token=eos_token)

@@ -13,7 +13,9 @@ what a user would use instead against the project (a bare PyTorch loop vs the Li
 `generate` and `Trainer`); for MFU, A is the matmul peak measured in the same run and B the training step.
 
 Comparisons (names for --only): loop, run, sampling, generate, precision, batching, vocabulary, hf-trainer, scoring,
-memory, mfu. hf-trainer needs `accelerate` (transformers.Trainer does); without it that row is skipped with a note.
+memory, build, mfu. hf-trainer needs `accelerate` (transformers.Trainer does); without it that row is skipped with a
+note. build is the one row that is not a pair of alternatives: it builds the dataset of the tweets and of 10 copies
+of them, each in its own process, and compares the memory the two builds take.
 `--quick` shrinks every size so that the whole run takes seconds (the test runs it); the default takes a few
 minutes on 2 cores, plus ~16 for `run` (the default run's whole training, twice: `--run-override
 trainer.max_steps=600` shortens it).
@@ -26,7 +28,10 @@ import ctypes
 import ctypes.util
 import gc
 import itertools
+import json
 import os
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -76,6 +81,8 @@ class Sizes:
     new_tokens: int      # tokens generated per prompt (conf/eval/unconditional.yaml: 64)
     score_texts: int     # texts scored per repetition
     loop_steps: int      # timed steps of each side of the Lightning-vs-bare-loop comparison
+    build_tweets: int | None  # tweets in the 1x corpus of the build's memory comparison (None = all 38k)
+    shard_documents: int      # the build's shard size there (the default, 50000, makes the 38k tweets one shard)
     run: tuple[str, ...] = ()  # overrides of the default run's trainer for the training-phase comparison (none:
                                # the default run's 2,800 steps, ~16 min on 2 idle cores with the bare side)
 
@@ -83,9 +90,9 @@ class Sizes:
 # A few minutes on 2 idle cores. Sampling without a cache costs prompts x new_tokens^2 (the 50k-vocabulary model is
 # the other slow side), which is what caps these sizes on a shared machine.
 FULL = Sizes(tweets=None, sentences=16000, repeats=5, batch_size=32, train_pairs=21, prompts=32, prompt_words=4,
-             new_tokens=48, score_texts=3000, loop_steps=100)
+             new_tokens=48, score_texts=3000, loop_steps=100, build_tweets=None, shard_documents=50_000)
 QUICK = Sizes(tweets=1500, sentences=600, repeats=3, batch_size=8, train_pairs=3, prompts=8, prompt_words=4,
-              new_tokens=8, score_texts=200, loop_steps=4,
+              new_tokens=8, score_texts=200, loop_steps=4, build_tweets=200, shard_documents=300,
               # 12 steps in epochs of 8 batches, validation (and so a checkpoint) every 6, MLflow at step 10
               run=("trainer.max_steps=12", "trainer.limit_train_batches=8", "trainer.val_check_interval=6",
                    "trainer.limit_val_batches=2"))
@@ -612,6 +619,71 @@ def bench_memory(assets: Assets) -> tuple[list[Row], list[str]]:
                 "tokens), bf16 relative to fp32")], []
 
 
+def write_copies(path: Path, tweets: int | None, copies: int) -> int:
+    """The tweets `copies` times as a .jsonl corpus, every sentence of copy c ending in the word "copy<c>" so that
+    dedupe keeps them all (each on its own line: a line break always ends a sentence). Returns the documents."""
+    from alignment.data.sentences import split_sentences
+
+    texts = [document["text"] for document in TweetsSource(limit=tweets)()]
+    with open(path, "w") as f:
+        for copy_index in range(copies):
+            for text in texts:
+                lines = [f"{sentence} copy{copy_index}" for sentence in split_sentences(text)]
+                f.write(json.dumps({"text": "\n".join(lines)}) + "\n")
+    return copies * len(texts)
+
+
+# A dataset build in its own process (`python -m alignment.data`, the default experiment's data settings on a
+# .jsonl corpus), printing its peak RSS (VmHWM) when it ends.
+_BUILD_CHILD = """
+import runpy, sys
+import alignment.data.build, alignment.data.datamodule  # the imports (torch, transformers, ...): not the build's
+status = lambda field: next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(field + ":"))
+print("VmRSS_KiB", status("VmRSS"))
+sys.argv = ["alignment.data", *sys.argv[1:]]
+try:
+    runpy.run_module("alignment.data", run_name="__main__")
+finally:
+    print("VmHWM_KiB", status("VmHWM"))
+"""
+
+
+def build_peak_rss_mib(corpus: Path, shard_documents: int, folder: Path) -> tuple[float, float, float]:
+    """Building `corpus` in a fresh process, with its own runs folder: its RSS once the modules are imported, its
+    peak RSS (MiB), and its wall time (s)."""
+    overrides = ["data=files", f"data.source.paths={corpus}", f"data.shard_documents={shard_documents}",
+                 # cheap scorers, so that the build's own work is not drowned by scoring: VADER and profanity-check
+                 "scorer@task.attributes.toxicity.scorer=profanity", "datamodule.progress=false",
+                 f"hydra.run.dir={folder / 'hydra'}"]
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, "-c", _BUILD_CHILD, *overrides], capture_output=True, text=True,
+                          env={**os.environ, "ALIGNMENT_RUNS_DIR": str(folder / "runs")}, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"the build of {corpus} failed:\n{done.stderr[-3000:]}")
+    imported, peak = (int(done.stdout.split(field)[1].split()[0]) / 1024 for field in ("VmRSS_KiB", "VmHWM_KiB"))
+    return imported, peak, time.perf_counter() - start
+
+
+def bench_build(assets: Assets) -> tuple[list[Row], list[str]]:
+    if not Path("/proc/self/status").exists():
+        return [], ["build: skipped (the peak RSS is read from Linux's /proc/self/status)"]
+    sizes, results = assets.sizes, {}
+    with tempfile.TemporaryDirectory() as folder:
+        for copies in (1, 10):
+            corpus = Path(folder, f"corpus{copies}.jsonl")
+            documents = write_copies(corpus, sizes.build_tweets, copies)
+            results[copies] = (documents, *build_peak_rss_mib(corpus, sizes.shard_documents, Path(folder, str(copies))))
+    (docs1, base1, peak1, time1), (docs10, base10, peak10, time10) = results[1], results[10]
+    row = Row("build peak memory: A corpus 1x, B 10x", peak1 - base1, peak10 - base10, "MiB",
+              f"peak RSS of a dataset build above its process's imports when the corpus grows "
+              f"{docs10 / docs1:.0f}x ({docs1} -> {docs10} documents, shards of {sizes.shard_documents}); "
+              "target far below 10")
+    note = (f"build: the corpus grew {docs10 / docs1:.0f}x; the build process's peak RSS {peak10 / peak1:.2f}x "
+            f"({peak1:.0f} -> {peak10:.0f} MiB, of which the imports {base1:.0f} and {base10:.0f}), its time "
+            f"{time10 / time1:.1f}x ({time1:.0f} s -> {time10:.0f} s)")
+    return [row], [note]
+
+
 def bench_loop(assets: Assets) -> tuple[list[Row], list[str]]:
     from benchmarks.loop import lightning_vs_bare
 
@@ -658,6 +730,7 @@ BENCHMARKS: dict[str, Callable[[Assets], tuple[list[Row], list[str]]]] = {
     "hf-trainer": bench_hf_trainer,
     "scoring": bench_scoring,
     "memory": bench_memory,
+    "build": bench_build,
     "mfu": bench_mfu,
 }
 

@@ -45,6 +45,7 @@ EXPECTED_ROWS = [  # (start of the name, unit), in the printed order
     *([("training", "sentences/s")] if ACCELERATE else []),  # transformers.Trainer
     ("scoring", "texts/s"),
     ("peak memory", "MiB"),
+    ("build peak memory", "MiB"),
     ("MFU fp32", "GFLOP/s"),
     ("MFU bf16", "GFLOP/s"),
 ]

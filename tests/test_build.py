@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 from hydra.utils import instantiate
 
-from alignment.data.build import Corpus, Split, _document_levels
+from alignment.data.assemble import Corpus, document_levels
 from alignment.data.sentences import split_sentences
+from alignment.data.shards import Split
 from alignment.task import Task
 from tests.conftest import compose_config
 
@@ -116,8 +117,9 @@ def test_document_levels_are_the_levels_of_the_mean_score(runs_dir, tmp_path):
     # documents 0 and 1 hold two sentences each, document 2 one, document 3 none
     doc_of = np.array([0, 0, 1, 1, 2])
     scores = {"toxicity": np.array([0.1, 0.25, 0.0, 0.5, 0.9]), "sentiment": np.array([0.9, -0.9, 0.5, 0.3, -0.5])}
-    documents = [{"sentences": ["s"] * n} for n in (2, 2, 1, 0)]
-    levels = _document_levels(task, scores, Corpus(documents, ["s"] * 5, doc_of, np.zeros(4, dtype=bool)))
+    corpus = Corpus(["s"] * 5, np.array([2, 2, 1, 0]), np.zeros(4, dtype=bool))
+    assert corpus.doc_of.tolist() == doc_of.tolist()
+    levels = document_levels(task, scores, corpus)
     # toxicity means 0.175, 0.25, 0.9, 0 against 0.2; sentiment means 0, 0.4, -0.5, 0 against -0.05 / 0.05
     assert levels["toxicity"].tolist() == [0, 1, 1, 0]
     assert levels["sentiment"].tolist() == [1, 2, 0, 1]
@@ -196,8 +198,10 @@ def test_empty_corpus_is_a_clear_error_and_leaves_nothing(runs_dir, tmp_path):
     assert after == before
 
 
-def test_a_build_interrupted_while_writing_leaves_nothing_and_the_next_one_completes(runs_dir, tmp_path, monkeypatch):
-    """Ctrl-C after the training split is on disk: neither the dataset folder nor the temporary one stays."""
+def test_a_build_interrupted_while_writing_leaves_no_dataset_and_the_next_one_completes(runs_dir, tmp_path,
+                                                                                       monkeypatch):
+    """Ctrl-C while pass 2 writes its token shard: no dataset folder, no temporary folder, only the work folder
+    with its finished raw shard; the next build completes from it and removes it."""
     datasets_dir = runs_dir / "cache" / "datasets"
     before = set(datasets_dir.glob("*")) | set(datasets_dir.glob(".*"))
     real_save = Split.save
@@ -210,10 +214,15 @@ def test_a_build_interrupted_while_writing_leaves_nothing_and_the_next_one_compl
     monkeypatch.setattr(Split, "save", save_then_interrupt)
     with pytest.raises(KeyboardInterrupt):
         datamodule(tmp_path, "data.seed=7")  # a dataset no other test builds
-    assert set(datasets_dir.glob("*")) | set(datasets_dir.glob(".*")) == before
+    left = (set(datasets_dir.glob("*")) | set(datasets_dir.glob(".*"))) - before
+    work = next(path for path in left if path.is_dir())
+    assert work.name.startswith(".building-") and {p.name for p in left} == {work.name, f"{work.name}.lock"}
+    assert (work / "raw" / "00000" / "sentences.jsonl").exists() and (work / "resolved" / "tokenizer").is_dir()
+    assert list((work / "tokens").iterdir()) == []  # the interrupted shard's temporary folder went
     monkeypatch.setattr(Split, "save", real_save)
     _, dm = datamodule(tmp_path, "data.seed=7")
-    assert dm.folder not in before and len(Split.load(dm.folder, "val_untagged")) > 0
+    assert dm.folder.name == work.name.removeprefix(".building-") and len(Split.load(dm.folder, "val_untagged")) > 0
+    assert set(datasets_dir.glob("*")) | set(datasets_dir.glob(".*")) == before | {dm.folder}
 
 
 def test_filter_that_removes_everything_is_a_clear_error(runs_dir, tmp_path):

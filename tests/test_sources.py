@@ -243,7 +243,8 @@ def test_data_configs_have_exactly_the_same_keys(tmp_path):
     assert {p.stem for p in DATA_CONFIGS} >= {"tweets", "pile_detoxify", "hf", "files", "python_code"}
     for path in DATA_CONFIGS:
         cfg = _data_config(path.stem, tmp_path)
-        keys = ["sentences", "val_fraction", "max_tokens", "seed", "layout", "joiner", "block_size", "source"]
+        keys = ["sentences", "val_fraction", "max_tokens", "seed", "layout", "joiner", "shard_documents", "block_size",
+                "source"]
         assert sorted(cfg) == sorted(keys), path.name
         assert cfg.val_fraction == 0.05 and cfg.seed == 42, path.name
         assert cfg.sentences._target_ == "alignment.data.sentences.Sentencizer", path.name

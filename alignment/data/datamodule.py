@@ -15,7 +15,8 @@ from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 from transformers import AutoTokenizer
 
-from alignment.data.build import Split, build
+from alignment.data.build import build
+from alignment.data.shards import Split
 from alignment.objectives import IGNORE_INDEX
 from alignment.task import Task
 
@@ -33,7 +34,7 @@ class SequenceDataset(Dataset):
 
     def __getitem__(self, i):
         a, b = self.split.offsets[i], min(self.split.offsets[i + 1], self.split.offsets[i] + self.block_size)
-        return self.split.tokens[a:b], self.split.scores[a:b]
+        return np.array(self.split.tokens[a:b]), np.array(self.split.scores[a:b])  # copies: the split is mapped
 
 
 class PackedDataset(Dataset):
@@ -41,19 +42,19 @@ class PackedDataset(Dataset):
     fixed-length blocks (the last partial block is dropped)."""
 
     def __init__(self, split: Split, block_size: int):
-        # Every stored sequence starts and ends with EOS; dropping the trailing one leaves a
-        # single EOS between documents, as in study A.
-        keep = np.ones(len(split.tokens), dtype=bool)
-        keep[split.offsets[1:] - 1] = False
-        self.tokens, self.scores = split.tokens[keep], split.scores[keep]
-        self.block_size = block_size
+        # Every stored sequence starts and ends with EOS; dropping the trailing one leaves a single EOS between
+        # documents, as in study A. The packed stream is not materialised (the split may be larger than memory):
+        # sequence j starts at packed position offsets[j] - j, so packed position p is stored position p + j.
+        self.split, self.block_size = split, block_size
+        self.packed_starts = np.asarray(split.offsets[:-1]) - np.arange(len(split))
 
     def __len__(self):
-        return len(self.tokens) // self.block_size
+        return (len(self.split.tokens) - len(self.split)) // self.block_size
 
     def __getitem__(self, i):
-        s = slice(i * self.block_size, (i + 1) * self.block_size)
-        return self.tokens[s], self.scores[s]
+        packed = np.arange(i * self.block_size, (i + 1) * self.block_size)
+        stored = packed + np.searchsorted(self.packed_starts, packed, side="right") - 1
+        return self.split.tokens[stored], self.split.scores[stored]
 
 
 class LengthGroupedSampler(DistributedSampler):
@@ -152,10 +153,10 @@ class AlignmentDataModule(pl.LightningDataModule):
             self.prepare_data()
         block = int(self.data_cfg.get("block_size") or 128)
         view = PackedDataset if self.meta["layout"] == "packed" else SequenceDataset
-        self.train_set = view(Split.load(self.folder, "train"), block)
+        self.train_set = view(Split.load(self.folder, "train", mmap=True), block)
         # Without control tokens the two validation splits are the same text: evaluate it once.
         names = ("val", "val_untagged") if self.meta["control_tokens"] else ("val",)
-        self.val_sets = [view(Split.load(self.folder, name), block) for name in names]
+        self.val_sets = [view(Split.load(self.folder, name, mmap=True), block) for name in names]
 
     @property
     def tokenizer(self):
