@@ -28,17 +28,18 @@ EVERY_STEP = ["callbacks=default", "callbacks.checkpoint.monitor=null", "+callba
 
 
 def test_a_non_finite_loss_stops_the_run_at_its_step_and_keeps_the_good_checkpoints(tiny_config, tmp_path):
-    # lr 1e30 (warmup leaves step 0 at the full rate on a 6-step run): step 0 is finite and throws the weights to
-    # ~1e30, so the loss of step 1 is NaN; checkpoints were saved after step 1 only (global_step counts done steps).
+    # lr 1e30 (a 6-step run warms up in one step: step 0 at lr 0, step 1 at the full rate): step 1 is finite and
+    # throws the weights to ~1e30, so the loss of step 2 is NaN; checkpoints were saved after steps 1 and 2
+    # (global_step counts done steps).
     cfg = tiny_config("module.optimizer.lr=1e30", *EVERY_STEP)
-    with pytest.raises(NonFiniteLossError, match=r"the training loss is nan at step 1 \(epoch 0\); training stopped "
+    with pytest.raises(NonFiniteLossError, match=r"the training loss is nan at step 2 \(epoch 0\); training stopped "
                                                  r"before this step changed the weights"):
         run(cfg)
     folder = tmp_path / "out"
     mlrun = mlflow.MlflowClient(cfg.logger.tracking_uri).get_run((folder / "mlflow_run_id").read_text().strip())
     assert mlrun.info.status == "FAILED"
-    assert mlrun.data.tags["failure"].startswith("NonFiniteLossError: the training loss is nan at step 1")
-    assert sorted(p.name for p in (folder / "checkpoints").iterdir()) == ["last.ckpt", "step1.ckpt"]
+    assert mlrun.data.tags["failure"].startswith("NonFiniteLossError: the training loss is nan at step 2")
+    assert sorted(p.name for p in (folder / "checkpoints").iterdir()) == ["last.ckpt", "step1.ckpt", "step2.ckpt"]
     state = torch.load(folder / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
     assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
 
