@@ -257,9 +257,9 @@ def test_the_shipped_trainer_defaults_run(runs_dir, tmp_path):
 
     client, mlrun = _mlflow_run(cfg)
     history = lambda key: [(m.step, m.value) for m in client.get_metric_history(mlrun.info.run_id, key)]
-    # The learning rate of both parameter groups, step by step: warmup capped at 1 step (8 // 10 -> 1), then cosine
-    # from 1e-3 down to its floor of 10% (1e-4) over the 7 other steps.
-    expected = [1e-3] + [1e-3 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (s - 1) / 7))) for s in range(1, 8)]
+    # The learning rate of both parameter groups, step by step: warmup capped at 1 step (8 // 10 -> 1: step 0 at 0,
+    # transformers' warmup starts from 0), then cosine from 1e-3 down to its floor of 10% (1e-4) over the 7 others.
+    expected = [0.0] + [1e-3 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (s - 1) / 7))) for s in range(1, 8)]
     for group in ("pg1", "pg2"):
         points = history(f"lr-AdamW/{group}")
         assert [step for step, _ in points] == list(range(8))

@@ -211,14 +211,14 @@ def test_sweep_against_an_mlflow_server(tmp_path, runs_dir, mlflow_server):
 
 @pytest.mark.slow
 def test_a_nan_loss_in_one_job_leaves_the_other_jobs_to_finish(tmp_path, runs_dir):
-    """Job 0's learning rate (1e30, as in test_lifecycle) makes its loss NaN at step 1; job 1 trains normally.
+    """Job 0's learning rate (1e30, as in test_lifecycle) makes its loss NaN at step 2; job 1 trains normally.
     Hydra's basic launcher runs every job of the sweep, each catching its own error, and reports a failure only
     after the last: job 1 finishes, job 0 is FAILED with the reason, the sweep exits non-zero (parent FAILED)."""
     runs = tmp_path / "runs"
     output = run_alignment(["-m", "module.optimizer.lr=1e30,1e-3", "task=tox", *TINY, "save_model=false",
                             "evaluate=false", f"paths.cache_dir={runs_dir / 'cache'}"], runs, timeout=1200,
                            succeed=False)
-    assert "NonFiniteLossError: the training loss is nan at step 1" in output, output[-4000:]
+    assert "NonFiniteLossError: the training loss is nan at step 2" in output, output[-4000:]
     client = mlflow.MlflowClient(f"sqlite:///{runs}/mlflow.db")
     mlruns = client.search_runs([client.get_experiment_by_name("alignment").experiment_id])
     (parent,) = [r for r in mlruns if "mlflow.parentRunId" not in r.data.tags]
@@ -226,7 +226,7 @@ def test_a_nan_loss_in_one_job_leaves_the_other_jobs_to_finish(tmp_path, runs_di
     jobs = {r.data.tags["sweep.job"]: r for r in mlruns if r is not parent}
     assert sorted(jobs) == ["0", "1"]
     assert jobs["0"].info.status == "FAILED"
-    assert jobs["0"].data.tags["failure"].startswith("NonFiniteLossError: the training loss is nan at step 1")
+    assert jobs["0"].data.tags["failure"].startswith("NonFiniteLossError: the training loss is nan at step 2")
     assert jobs["1"].info.status == "FINISHED" and "val/loss" in jobs["1"].data.metrics
     steps = [m.step for m in client.get_metric_history(jobs["1"].info.run_id, "train/loss")]
     assert sorted(steps) == list(range(6))  # job 1 trained all its steps
