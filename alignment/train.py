@@ -45,7 +45,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
     resumed = resume.locate(cfg.get("resume"), output_dir)
     logger = instantiate(cfg.logger, **({"run_id": resumed.run_id} if resumed else {"tags": tracking.run_tags(cfg)}))
     guard = lifecycle.Guard(output_dir, cfg.seed)  # NaN/inf loss, SIGTERM, RNG: always on, whatever the callbacks
-    callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None and "_target_" in c]
+    callbacks = instantiate_callbacks(cfg)
     trainer: pl.Trainer = instantiate(cfg.trainer, logger=logger, callbacks=callbacks + [guard, phases])
     with lifecycle.run_status(logger, guard, active=trainer.is_global_zero):
         if trainer.is_global_zero and resumed:
@@ -118,6 +118,11 @@ def save_and_evaluate(cfg, trainer, logger, model, datamodule, output_dir: Path,
             logger.experiment.log_artifact(logger.run_id, str(model_dir / "README.md"), artifact_path="model")
         phases.lap("evaluation")
     return results
+
+
+def instantiate_callbacks(cfg: DictConfig) -> list[pl.Callback]:
+    """The callbacks of `cfg.callbacks` (a group whose entries may be null or switched off without a _target_)."""
+    return [instantiate(c) for c in cfg.callbacks.values() if c is not None and "_target_" in c]
 
 
 def _scalars(trainer) -> dict[str, float]:

@@ -25,13 +25,13 @@ import pytorch_lightning as pl
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from alignment import CONF_DIR
 from alignment.lifecycle import Guard
-from alignment.module import warmup_then_decay
 from alignment.objectives import MLE
 from alignment.timing import PhaseTimes
+from alignment.train import instantiate_callbacks
 from benchmarks.steps import StepTimes
 
 SEED = 0
@@ -52,9 +52,7 @@ class BareLoop:
         no_decay = [p for p in model.parameters() if p.ndim < 2]
         self.optimizer = instantiate(cfg.module.optimizer)([{"params": decay},
                                                             {"params": no_decay, "weight_decay": 0.0}])
-        schedule = OmegaConf.to_container(cfg.module.scheduler)
-        schedule = {k: v for k, v in schedule.items() if not k.startswith("_")}
-        self.scheduler = warmup_then_decay(self.optimizer, total_steps, **schedule)
+        self.scheduler = instantiate(cfg.module.scheduler)(self.optimizer, total_steps=total_steps)
         self.clip = cfg.trainer.gradient_clip_val
         self.bf16 = cfg.trainer.precision == "bf16-mixed"
         self.objective = MLE()
@@ -130,10 +128,6 @@ def _trainer(cfg: DictConfig, callbacks: list[pl.Callback]) -> pl.Trainer:
     return instantiate(cfg.trainer, logger=instantiate(cfg.logger), callbacks=callbacks)
 
 
-def _config_callbacks(cfg: DictConfig) -> list[pl.Callback]:
-    return [instantiate(c) for c in cfg.callbacks.values() if c and "_target_" in c]
-
-
 def lightning_vs_bare(overrides: list[str], steps: int, warmup: int = 3) -> dict:
     """Train `steps` Lightning steps and as many bare ones, interleaved; return both rates (tokens/s), the number
     of timed steps, and whether both sides trained the same batches (the same real tokens step by step).
@@ -146,7 +140,7 @@ def lightning_vs_bare(overrides: list[str], steps: int, warmup: int = 3) -> dict
         datamodule, module, bare = _twins(cfg, steps + warmup)
         # Its own loader over the same data: the sampler's seed gives it the same batches in the same order.
         interleave = Interleave(bare, itertools.cycle(datamodule.train_dataloader()), warmup)
-        _fit(_trainer(cfg, [interleave, *_config_callbacks(cfg)]), module, datamodule)
+        _fit(_trainer(cfg, [interleave, *instantiate_callbacks(cfg)]), module, datamodule)
     tokens = [t for t, _ in interleave.lightning], [t for t, _ in interleave.plain]
     return {"lightning": rate(interleave.lightning), "bare": rate(interleave.plain),
             "steps": len(interleave.lightning), "same_batches": tokens[0] == tokens[1]}
@@ -189,7 +183,8 @@ def training_phase_vs_bare(overrides: list[str]) -> dict:
         phases, step_times = PhaseTimes(), StepTimes(show=False)  # the bench prints its own table
         batches = epochs(datamodule.train_dataloader(), cfg.trainer.limit_train_batches)
         interleave = BareAfterEach(bare, batches, phases)
-        trainer = _trainer(cfg, [*_config_callbacks(cfg), Guard(Path(folder)), phases, interleave, step_times])
+        callbacks = [*instantiate_callbacks(cfg), Guard(Path(folder), cfg.seed), phases, interleave, step_times]
+        trainer = _trainer(cfg, callbacks)
         phases.lap("set-up")  # as a run's: training is `fit` alone
         _fit(trainer, module, datamodule)
         phases.lap("training")

@@ -255,9 +255,10 @@ def training_scores(work: WorkFolder, totals: dict, plan: Plan, val_document: in
     QUANTILE_SAMPLE), and the lowest misalignment a filter sees (`lowest_kept`)."""
     task = plan.task
     # Two reads of the shards, one at a time: the sample's spacing needs the number of training sentences first.
-    n_train = sum(int((~is_val[raw.doc_of]).sum()) for raw, is_val, _ in train_shards(work, totals, task, val_document))
+    n_train = sum(int((~is_val[raw.doc_of]).sum()) for raw, is_val in train_shards(work, totals, val_document))
     samples, lowest, taken = {name: [] for name in [*task.attributes, "combined"]}, np.inf, 0
-    for raw, is_val, combined in train_shards(work, totals, task, val_document):
+    for raw, is_val in train_shards(work, totals, val_document):
+        combined = task.combined_misalignment(raw.scores)
         train = ~is_val[raw.doc_of]
         keep = systematic_sample(np.arange(taken, taken + int(train.sum())), n_train, QUANTILE_SAMPLE)
         taken += int(train.sum())
@@ -285,12 +286,11 @@ def lowest_kept(raw: RawShard, is_val: np.ndarray, combined: np.ndarray, layout:
     return float(values.min()) if len(values) else np.inf
 
 
-def train_shards(work: WorkFolder, totals: dict, task: Task, val_document: int | None):
-    """Per raw shard (one in memory at a time): the shard, its documents' validation flags and its sentences'
-    combined misalignment."""
+def train_shards(work: WorkFolder, totals: dict, val_document: int | None):
+    """Per raw shard (one in memory at a time): the shard and its documents' validation flags."""
     for index in range(totals["shards"]):
         raw = RawShard.load(work.raw(index))
-        yield raw, held_out(raw, first_document(totals, index), val_document), task.combined_misalignment(raw.scores)
+        yield raw, held_out(raw, first_document(totals, index), val_document)
 
 
 def training_sentences(work: WorkFolder, totals: dict, val_document: int | None):
